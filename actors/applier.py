@@ -1,0 +1,210 @@
+"""The applier actor: the one writer of the node's LMDB MVCC store.
+
+A thin loop around `MvccStore.apply`. At start it asks the raft log for
+every committed entry after the store's applied index (SUBSCRIBE), so a
+restart re-applies exactly what is missing: the applied index is written
+in the same LMDB transaction as the changes. Every ENTRIES message is
+applied in one LMDB transaction; the results go back to the gateways that
+proposed them, one RESULTS message per gateway; then every gateway hears
+how far the store got (APPLIED), and the raft log gets its acknowledgement
+(flow control and WAL release).
+
+Physical compaction runs in bounded steps between batches; a compaction
+request with `physical` is answered when its steps are done. Defragment
+runs here because it needs the writer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import zmq
+
+from actors import ipc
+from actors.config import NodeConfig
+from actors.gateway import map_size_bytes, store_dir
+from actors.loop import ActorLoop
+from actors.mvcc import MvccStore
+from protocol import codec
+from protocol.errors import QuorumError
+
+COMPACTION_STEP_MS = 10
+RESUBSCRIBE_MS = 1000
+
+
+def open_writer(config: NodeConfig) -> MvccStore:
+    return MvccStore.open(store_dir(config), writer=True, map_size_bytes=map_size_bytes(config),
+                          quota_backend_bytes=config.effective_quota_bytes(), limits=config.limits(),
+                          member_id=config.member_id())
+
+
+class Applier:
+    def __init__(self, config: NodeConfig, log):
+        self.config = config
+        self.log = log
+        self.limits = config.limits()
+        self.member_id = config.member_id()
+        self.cluster_id = config.cluster_id()
+        self.gateway_identities = [ipc.gateway_identity(i) for i in range(config.gateway_count())]
+        self.store = open_writer(config)
+        self.context = zmq.Context()
+        self.raft = self.context.socket(zmq.DEALER)
+        self.raft.setsockopt(zmq.ROUTING_ID, ipc.APPLIER_IDENTITY)
+        self.raft.setsockopt(zmq.LINGER, 0)
+        self.raft.connect(ipc.raft_endpoint(config.data_dir))
+        self.gateways = self.context.socket(zmq.ROUTER)
+        self.gateways.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.gateways.setsockopt(zmq.SNDHWM, self.limits.socket_high_water_mark)
+        self.gateways.setsockopt(zmq.LINGER, 0)
+        endpoint = ipc.applier_endpoint(config.data_dir)
+        _remove_stale_socket(endpoint)
+        self.gateways.bind(endpoint)
+        # Physical compactions waiting for their steps: (gateway, request id, body).
+        self.physical_compactions: list[tuple[bytes, object, dict]] = []
+        self.idle_periods = 0
+        self.handlers = {ipc.ENTRIES: self._on_entries}
+
+    def subscribe(self) -> None:
+        self.raft.send(codec.pack([ipc.SUBSCRIBE, self.store.applied_index()]))
+
+    def resubscribe_if_idle(self) -> None:
+        # A restarted raft log has forgotten us; asking again is harmless
+        # because delivery restarts from our applied index.
+        if self.idle_periods >= 1:
+            self.subscribe()
+        self.idle_periods += 1
+
+    # ---- entries --------------------------------------------------------
+
+    def on_raft(self, batch: list) -> None:
+        self.idle_periods = 0
+        for frame in batch:
+            try:
+                message = codec.unpack(frame)
+                handler = self.handlers[message[0]]
+            except (QuorumError, KeyError, TypeError, IndexError):
+                self.log.warning("malformed message from raft log dropped")
+                continue
+            handler(message)
+
+    def _on_entries(self, message: list) -> None:
+        entries = []
+        physical = set()
+        applied = self.store.applied_index()
+        for index, term, entry_type, data in message[1]:
+            if index <= applied:
+                continue  # a redelivery after a resubscribe
+            assert index == applied + 1 + len(entries), f"gap in committed entries at {index}"
+            requests = []
+            if entry_type == ipc.ENTRY_NORMAL:
+                gateway, items = codec.unpack(data)
+                requests = [((gateway, request_id), op, body) for request_id, op, body in items]
+                physical.update(tag for tag, op, body in requests if op == "compaction" and body["physical"])
+            entries.append((index, term, requests))
+        if not entries:
+            return
+        results = self.store.apply(entries)
+        term = entries[-1][1]
+        self._send_results(results, term, physical)
+        applied_index = self.store.applied_index()
+        self.raft.send(codec.pack([ipc.APPLIED, applied_index, applied_index]))
+        self._broadcast_applied()
+
+    def _send_results(self, results: list, term: int, physical: set) -> None:
+        by_gateway: dict[bytes, list] = {}
+        for tag, status, body in results:
+            gateway, request_id = tag
+            if status == codec.STATUS_OK:
+                header = body["header"]
+                header["cluster_id"] = self.cluster_id
+                header["member_id"] = self.member_id
+                header["raft_term"] = term
+                if tag in physical and self.store.compaction_pending():
+                    # Answered once compaction_step has reclaimed the space.
+                    self.physical_compactions.append((gateway, request_id, body))
+                    continue
+            by_gateway.setdefault(gateway, []).append([request_id, status, body])
+        for gateway, items in by_gateway.items():
+            self._send(gateway, [ipc.RESULTS, items])
+
+    def _send(self, gateway: bytes, message: list) -> None:
+        try:
+            self.gateways.send_multipart([gateway, codec.pack(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.log.warning("gateway queue full, message dropped", gateway=gateway.decode())
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # That gateway is down; its clients lost their connection with it.
+
+    def _broadcast_applied(self) -> None:
+        message = [ipc.APPLIED, self.store.applied_index(), self.store.revision(), self.store.generation]
+        for gateway in self.gateway_identities:
+            self._send(gateway, message)
+
+    # ---- compaction and defragment ------------------------------------------
+
+    def compaction_step(self) -> None:
+        if not self.store.compaction_pending():
+            return
+        if self.store.compact_step() and self.physical_compactions:
+            done, self.physical_compactions = self.physical_compactions, []
+            for gateway, request_id, body in done:
+                self._send(gateway, [ipc.RESULTS, [[request_id, codec.STATUS_OK, body]]])
+
+    def on_gateways(self, batch: list) -> None:
+        for parts in batch:
+            if len(parts) != 2:
+                continue
+            gateway, frame = parts
+            try:
+                message = codec.unpack(frame)
+                kind = message[0]
+            except (QuorumError, TypeError, IndexError):
+                self.log.warning("malformed message from a gateway dropped")
+                continue
+            if kind == ipc.HELLO:
+                self._send(gateway, [ipc.APPLIED, self.store.applied_index(), self.store.revision(),
+                                     self.store.generation])
+            elif kind == ipc.DEFRAGMENT and len(message) == 2:
+                self._defragment(gateway, message[1])
+
+    def _defragment(self, gateway: bytes, defrag_id) -> None:
+        try:
+            while not self.store.compact_step():
+                pass  # finish a running compaction first: a defragment reclaims its space
+            generation = self.store.defragment()
+            self.log.info("defragmented", generation=generation)
+            self._send(gateway, [ipc.DEFRAGMENT, defrag_id, None])
+        except QuorumError as error:
+            self._send(gateway, [ipc.DEFRAGMENT, defrag_id, error.to_wire()])
+        self._broadcast_applied()
+
+    def close(self) -> None:
+        self.store.close()
+        self.context.destroy(linger=0)
+
+
+def _remove_stale_socket(endpoint: str) -> None:
+    path = endpoint.removeprefix("ipc://")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def run(config: NodeConfig, index: int, log) -> None:
+    applier = Applier(config, log)
+    loop = ActorLoop(log, applier.limits.max_messages_per_poll, parent_pid=os.getppid())
+    loop.add_socket(applier.raft, applier.on_raft, multipart=False)
+    loop.add_socket(applier.gateways, applier.on_gateways)
+    loop.add_timer(COMPACTION_STEP_MS, applier.compaction_step)
+    loop.add_timer(RESUBSCRIBE_MS, applier.resubscribe_if_idle)
+    applier.subscribe()
+    log.info("applier started", applied_index=applier.store.applied_index(), revision=applier.store.revision())
+    try:
+        reason = loop.run()
+        log.info("applier stopping", reason=reason)
+    finally:
+        applier.close()

@@ -1,0 +1,319 @@
+"""The gateway actor: the ZeroMQ client edge of a node.
+
+A thin loop around `GatewayCore`: it decodes client frames, feeds each
+request to the core, and after every batch sends what the core queued
+(one PROPOSE to the raft log, one READ_INDEX round, one reply frame per
+client). Gateway 0 binds the node's ZeroMQ client port; the others bind a
+port of their own (kept across restarts when free) and announce it in the
+run directory, where `hello` finds every gateway's endpoint for clients.
+Snapshot streams and defragment requests are the node-local operations it
+carries out itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import tempfile
+
+import zmq
+
+from actors import ipc
+from actors.config import NodeConfig
+from actors.gateway_core import SERVER_VERSION, GatewayCore
+from actors.loop import ActorLoop
+from actors.mvcc import MvccStore
+from protocol import codec
+from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
+from protocol.errors import QuorumError
+
+RAFT_STATUS_REFRESH_MS = 1000
+SNAPSHOT_PUMP_MS = 2
+# Chunks sent per snapshot stream per pump (bounded memory in the socket queue).
+SNAPSHOT_CHUNKS_PER_PUMP = 8
+
+
+def open_store(config: NodeConfig) -> MvccStore:
+    limits = config.limits()
+    return MvccStore.open(store_dir(config), writer=False, map_size_bytes=map_size_bytes(config),
+                          quota_backend_bytes=config.effective_quota_bytes(), limits=limits,
+                          member_id=config.member_id())
+
+
+def store_dir(config: NodeConfig) -> str:
+    return os.path.join(config.data_dir, "store")
+
+
+def map_size_bytes(config: NodeConfig) -> int:
+    # Address space only; leave room past the quota so the NOSPACE alarm,
+    # not LMDB's MapFullError, is what a full node hits.
+    return max(2 * config.effective_quota_bytes(), 4 << 30)
+
+
+class SnapshotStream:
+    def __init__(self, identity: bytes, request_id, path: str):
+        self.identity = identity
+        self.request_id = request_id
+        self.path = path
+        self.file = open(path, "rb")
+        self.remaining = os.path.getsize(path)
+
+    def close(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Gateway:
+    def __init__(self, config: NodeConfig, index: int, log):
+        self.config = config
+        self.index = index
+        self.log = log
+        self.limits = config.limits()
+        self.identity = ipc.gateway_identity(index)
+        self.context = zmq.Context()
+        self.store = open_store(config)
+        self.outbox: dict[bytes, list] = {}
+        self.core = GatewayCore(store=self.store, limits=self.limits, member_id=config.member_id(),
+                                cluster_id=config.cluster_id(), gateway_identity=self.identity,
+                                emit=self._emit, rng=random.Random())
+        self.core.local_handlers.update(hello=self._hello, snapshot=self._snapshot, defragment=self._defragment)
+        self.snapshots: list[SnapshotStream] = []
+        self.next_defrag_id = 1
+        self.defrags: dict[int, object] = {}
+        self.client = self._bind_client_socket()
+        self.raft = self._dealer(ipc.raft_endpoint(config.data_dir))
+        self.applier = self._dealer(ipc.applier_endpoint(config.data_dir))
+        self.applier.send(codec.pack([ipc.HELLO]))
+        self.raft_handlers = {
+            ipc.PROPOSE_FAILED: lambda m: self.core.on_propose_failed(m[1], m[2]),
+            ipc.READ_INDEX: lambda m: self.core.on_read_index(m[1], m[2]),
+            ipc.READ_INDEX_FAILED: lambda m: self.core.on_read_index_failed(m[1], m[2]),
+            ipc.RAFT_STATUS: lambda m: self.core.on_raft_status(m[1], m[2]),
+        }
+        self.applier_handlers = {
+            ipc.RESULTS: lambda m: self.core.on_results(m[1]),
+            ipc.APPLIED: self._on_applied,
+            ipc.DEFRAGMENT: self._on_defragmented,
+        }
+
+    # ---- sockets --------------------------------------------------------
+
+    def _dealer(self, endpoint: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self.identity)
+        socket.setsockopt(zmq.SNDHWM, self.limits.socket_high_water_mark)
+        socket.setsockopt(zmq.RCVHWM, self.limits.socket_high_water_mark)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        return socket
+
+    def _endpoint_file(self) -> str:
+        return os.path.join(ipc.run_dir(self.config.data_dir), f"gateway-{self.index}.endpoint")
+
+    def _bind_client_socket(self) -> zmq.Socket:
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        socket.setsockopt(zmq.SNDHWM, self.limits.socket_high_water_mark)
+        socket.setsockopt(zmq.RCVHWM, self.limits.socket_high_water_mark)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        socket.setsockopt(zmq.LINGER, 0)
+        host, port = self.config.zmq_url()
+        if self.index == 0:
+            socket.bind(f"tcp://{host}:{port}")
+        else:
+            socket.bind(self._previous_or_new_endpoint(socket, host))
+        endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        path = self._endpoint_file()
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(endpoint)
+        os.replace(path + ".tmp", path)
+        self.log.info("gateway listening", endpoint=endpoint)
+        return socket
+
+    def _previous_or_new_endpoint(self, socket: zmq.Socket, host: str) -> str:
+        # A restarted gateway takes its old port back so clients reconnect to it.
+        try:
+            with open(self._endpoint_file(), encoding="utf-8") as handle:
+                previous = handle.read().strip()
+            probe = self.context.socket(zmq.ROUTER)
+            try:
+                probe.bind(previous)
+            finally:
+                probe.close(linger=0)
+            return previous
+        except (OSError, zmq.ZMQError):
+            return f"tcp://{host}:*"
+
+    # ---- replies ----------------------------------------------------------
+
+    def _emit(self, origin, status: int, body: dict) -> None:
+        identity, request_id = origin
+        self.outbox.setdefault(identity, []).append([request_id, status, body])
+
+    def _send_to_client(self, identity: bytes, frame: bytes) -> bool:
+        try:
+            self.client.send_multipart([identity, frame], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.log.warning("client send queue full, reply dropped", client=identity.hex())
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # The client went away; nobody is left to hear the answer.
+        return False
+
+    def flush(self) -> None:
+        while True:
+            batch = self.core.take_proposals()
+            if not batch:
+                break
+            self.raft.send(codec.pack([ipc.PROPOSE, batch]))
+        read_id = self.core.take_read_index_request()
+        if read_id is not None:
+            self.raft.send(codec.pack([ipc.READ_INDEX, read_id]))
+        status_id = self.core.take_raft_status_request()
+        if status_id is not None:
+            self.raft.send(codec.pack([ipc.RAFT_STATUS, status_id]))
+        for identity, responses in self.outbox.items():
+            self._send_to_client(identity, codec.encode_response_frame(responses))
+        self.outbox.clear()
+
+    # ---- client frames ------------------------------------------------------
+
+    def on_client(self, batch: list) -> None:
+        for parts in batch:
+            if len(parts) != 2:
+                continue  # a ROUTER always gives [identity, frame]; anything else is noise
+            identity, frame = parts
+            self._take_frame(identity, frame)
+        self.flush()
+
+    def _take_frame(self, identity: bytes, frame: bytes) -> None:
+        try:
+            items = codec.decode_frame(frame, self.limits.max_frame_bytes, self.limits.max_requests_per_frame)
+        except QuorumError as error:
+            self._emit((identity, None), STATUS_ERROR, error.to_wire())
+            return
+        share = len(frame) // max(1, len(items))
+        for item in items:
+            if not isinstance(item, list) or len(item) != 3:
+                request_id = item[0] if isinstance(item, list) and item else None
+                error = QuorumError("MalformedFrame", "a request is [request_id, op, body]")
+                self._emit((identity, request_id if _is_plain(request_id) else None), STATUS_ERROR, error.to_wire())
+                continue
+            request_id, op, body = item
+            if not _is_plain(request_id):
+                self._emit((identity, None), STATUS_ERROR,
+                           QuorumError("MalformedFrame", "request_id must be an integer or string").to_wire())
+                continue
+            size_bytes = share if len(frame) <= self.limits.max_request_bytes else len(codec.pack(item))
+            self.core.submit((identity, request_id), op, body, size_bytes)
+
+    # ---- messages from the raft log and the applier -----------------------
+
+    def _dispatch(self, handlers: dict, batch: list, source: str) -> None:
+        for frame in batch:
+            try:
+                message = codec.unpack(frame)
+                handler = handlers[message[0]]
+            except (QuorumError, KeyError, TypeError, IndexError):
+                self.log.warning("malformed message dropped", source=source)
+                continue
+            handler(message)
+        self.flush()
+
+    def on_raft(self, batch: list) -> None:
+        self._dispatch(self.raft_handlers, batch, "raft_log")
+
+    def on_applier(self, batch: list) -> None:
+        self._dispatch(self.applier_handlers, batch, "applier")
+
+    def _on_applied(self, message: list) -> None:
+        _kind, applied_index, _revision, generation = message
+        if generation != self.store.generation:
+            self.store.reopen_if_stale(generation)
+        self.core.on_applied(applied_index)
+
+    # ---- node-local operations ------------------------------------------------
+
+    def _hello(self, origin, _body: dict) -> None:
+        endpoints = []
+        for path in sorted(glob.glob(os.path.join(ipc.run_dir(self.config.data_dir), "gateway-*.endpoint"))):
+            with open(path, encoding="utf-8") as handle:
+                endpoints.append(handle.read().strip())
+        self._emit(origin, STATUS_OK, {"version": SERVER_VERSION, "member_id": self.core.member_id,
+                                       "cluster_id": self.core.cluster_id, "gateways": endpoints})
+
+    def _snapshot(self, origin, _body: dict) -> None:
+        identity, request_id = origin
+        handle, path = tempfile.mkstemp(prefix="snapshot-", dir=ipc.run_dir(self.config.data_dir))
+        os.close(handle)
+        self.store.copy_to(path)
+        self.snapshots.append(SnapshotStream(identity, request_id, path))
+        self.log.info("snapshot stream started", bytes=os.path.getsize(path))
+
+    def pump_snapshots(self) -> None:
+        for stream in list(self.snapshots):
+            for _ in range(SNAPSHOT_CHUNKS_PER_PUMP):
+                blob = stream.file.read(self.limits.snapshot_chunk_bytes)
+                stream.remaining -= len(blob)
+                done = stream.remaining <= 0
+                status = STATUS_OK if done else STATUS_PARTIAL
+                body = {"header": self.core.header(self.store.revision()), "blob": blob,
+                        "remaining_bytes": max(0, stream.remaining)}
+                frame = codec.encode_response_frame([[stream.request_id, status, body]])
+                if not self._send_to_client(stream.identity, frame) or done:
+                    stream.close()
+                    self.snapshots.remove(stream)
+                    break
+
+    def _defragment(self, origin, _body: dict) -> None:
+        defrag_id = self.next_defrag_id
+        self.next_defrag_id += 1
+        self.defrags[defrag_id] = origin
+        self.applier.send(codec.pack([ipc.DEFRAGMENT, defrag_id]))
+
+    def _on_defragmented(self, message: list) -> None:
+        _kind, defrag_id, error = message
+        origin = self.defrags.pop(defrag_id, None)
+        if origin is None:
+            return
+        if error:
+            self.core.fail(origin, QuorumError.from_wire(error))
+        else:
+            self._emit(origin, STATUS_OK, {"header": self.core.header(self.store.revision())})
+
+    def refresh_raft_status(self) -> None:
+        self.raft.send(codec.pack([ipc.RAFT_STATUS, 0]))
+
+    def close(self) -> None:
+        self.core.fail_everything("Stopped")
+        self.flush()
+        for stream in self.snapshots:
+            stream.close()
+        self.store.close()
+        self.context.destroy(linger=0)
+
+
+def _is_plain(request_id) -> bool:
+    return request_id is None or (isinstance(request_id, (int, str)) and not isinstance(request_id, bool))
+
+
+def run(config: NodeConfig, index: int, log) -> None:
+    gateway = Gateway(config, index, log)
+    loop = ActorLoop(log, gateway.limits.max_messages_per_poll, parent_pid=os.getppid())
+    loop.add_socket(gateway.client, gateway.on_client)
+    loop.add_socket(gateway.raft, gateway.on_raft, multipart=False)
+    loop.add_socket(gateway.applier, gateway.on_applier, multipart=False)
+    loop.add_timer(RAFT_STATUS_REFRESH_MS, gateway.refresh_raft_status)
+    loop.add_timer(SNAPSHOT_PUMP_MS, gateway.pump_snapshots)
+    gateway.refresh_raft_status()
+    try:
+        reason = loop.run()
+        log.info("gateway stopping", reason=reason)
+    finally:
+        gateway.close()

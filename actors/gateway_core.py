@@ -1,0 +1,269 @@
+"""The gateway's request-handling core, shared by every client front end.
+
+How this works: a front end (the ZeroMQ ROUTER today, etcd's gRPC later)
+hands each decoded request to `submit(origin, op, body)` with an opaque
+`origin` it will recognise in the reply. The core validates the request
+and sorts it into one of three paths:
+
+- serializable reads are answered at once from the local store;
+- linearizable reads wait for a read index from the raft log (one
+  READ_INDEX round serves every read that arrived before it was asked),
+  then for the applier to have applied up to that index, then are served
+  from the local store;
+- writes are queued as proposals; the actor sends the queue to the raft
+  log as one PROPOSE per pass and the applier's RESULTS complete them.
+
+The core never touches a socket: replies go to `emit(origin, status,
+body)` and work for the raft log and the applier is collected in
+`take_proposals()` / `take_read_index_request()` / `take_raft_status_request()`
+for the actor to send. Every queue is bounded by `Limits`.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from typing import Callable
+
+from protocol import messages
+from protocol.codec import STATUS_ERROR, STATUS_OK
+from protocol.errors import QuorumError
+from protocol.limits import Limits
+
+SERVER_VERSION = "3.4.0-quorumkv.0.1"
+
+# Operations the gateway answers without the log: reads of the local store,
+# and node-local maintenance handled by the actor.
+_LOCAL_OPS = {"hello", "status", "hash_kv", "alarm", "defragment", "snapshot",
+              "lease_time_to_live", "lease_leases"}
+
+Emit = Callable[[object, int, dict], None]
+
+
+class GatewayCore:
+    def __init__(self, *, store, limits: Limits, member_id: int, cluster_id: int,
+                 gateway_identity: bytes, emit: Emit, rng: random.Random):
+        self.store = store
+        self.limits = limits
+        self.member_id = member_id
+        self.cluster_id = cluster_id
+        self.gateway_identity = gateway_identity
+        self.emit = emit
+        self.rng = rng
+        self.raft_term = 0
+        self.raft_status: dict = {}
+        self.applied_index = store.applied_index()
+        # Writes: gw_request_id -> origin, and the proposals not yet sent.
+        self.next_request_id = 1
+        self.pending_writes: dict[int, object] = {}
+        self.proposals: list[list] = []
+        self.proposal_sizes: list[int] = []
+        # Linearizable reads: waiting for a READ_INDEX round to start, in a
+        # round (read_id -> reads), and ready once applied >= index.
+        self.reads_unrequested: list[tuple] = []
+        self.next_read_id = 1
+        self.reads_in_round: dict[int, list[tuple]] = {}
+        self.reads_at_index: collections.deque[tuple[int, list[tuple]]] = collections.deque()
+        # Requests needing the raft log's status (Status), by status id.
+        self.next_status_id = 1
+        self.status_waiting: list[object] = []
+        self.status_in_flight: dict[int, list[object]] = {}
+        # Local handlers for node-local ops the actor implements (snapshot, defragment, hello).
+        self.local_handlers: dict[str, Callable[[object, dict], None]] = {}
+
+    # ---- intake -------------------------------------------------------
+
+    def pending_count(self) -> int:
+        return (len(self.pending_writes) + len(self.reads_unrequested)
+                + sum(len(reads) for reads in self.reads_in_round.values())
+                + sum(len(reads) for _, reads in self.reads_at_index))
+
+    def submit(self, origin: object, op: object, body: object, size_bytes: int = 0) -> None:
+        """Take one request; `size_bytes` is its encoded size (for batch bounds)."""
+        try:
+            if size_bytes > self.limits.max_request_bytes:
+                raise QuorumError("RequestTooLarge")
+            normalised = messages.validate_request(op, body, self.limits)
+            self._route(origin, op, normalised, size_bytes)
+        except QuorumError as error:
+            self.emit(origin, STATUS_ERROR, error.to_wire())
+
+    def fail(self, origin: object, error: QuorumError) -> None:
+        self.emit(origin, STATUS_ERROR, error.to_wire())
+
+    def _route(self, origin: object, op: str, body: dict, size_bytes: int) -> None:
+        if self.pending_count() >= self.limits.max_pending_requests_per_gateway:
+            raise QuorumError("TooManyRequests", "gateway queue is full")
+        if messages.is_write(op, body):
+            self._queue_write(origin, op, body, size_bytes)
+        elif op == "range":
+            if body["serializable"]:
+                self._serve_read(origin, op, body)
+            else:
+                self.reads_unrequested.append((origin, op, body))
+        elif op == "status":
+            self.status_waiting.append(origin)
+        elif op in self.local_handlers:
+            self.local_handlers[op](origin, body)
+        elif op in _LOCAL_OPS:
+            self._serve_read(origin, op, body)
+        else:
+            raise QuorumError("UnknownOp", repr(op))
+
+    def _queue_write(self, origin: object, op: str, body: dict, size_bytes: int) -> None:
+        if op == "lease_grant" and body["ID"] == 0:
+            # As etcd, the member that receives a grant picks the id, so the
+            # log carries it and every member applies the same one.
+            body["ID"] = self.rng.randrange(1, 1 << 63)
+        request_id = self.next_request_id
+        self.next_request_id += 1
+        self.pending_writes[request_id] = origin
+        self.proposals.append([request_id, op, body])
+        self.proposal_sizes.append(size_bytes)
+
+    # ---- reads --------------------------------------------------------
+
+    def header(self, revision: int) -> dict:
+        return {"cluster_id": self.cluster_id, "member_id": self.member_id,
+                "revision": revision, "raft_term": self.raft_term}
+
+    def _serve_read(self, origin: object, op: str, body: dict) -> None:
+        try:
+            response = self._read(op, body)
+        except QuorumError as error:
+            self.emit(origin, STATUS_ERROR, error.to_wire())
+            return
+        self.emit(origin, STATUS_OK, response)
+
+    def _read(self, op: str, body: dict) -> dict:
+        if op == "range":
+            response = self.store.range(body)
+        elif op == "hash_kv":
+            response = self.store.hash_kv(body["revision"])
+        elif op == "alarm":
+            response = {"header": {"revision": self.store.revision()}, "alarms": self.store.alarms()}
+        elif op == "lease_time_to_live":
+            response = self.store.lease_time_to_live(body)
+        elif op == "lease_leases":
+            response = self.store.lease_leases()
+        else:
+            raise QuorumError("UnknownOp", repr(op))
+        response["header"] = self.header(response["header"]["revision"])
+        return response
+
+    # ---- work for the actor to send ------------------------------------
+
+    def take_proposals(self) -> list[list]:
+        """The next PROPOSE batch (bounded), or [] if nothing is queued."""
+        count, total_bytes = 0, 0
+        for size_bytes in self.proposal_sizes[: self.limits.max_proposal_batch_requests]:
+            if count and total_bytes + size_bytes > self.limits.max_proposal_batch_bytes:
+                break
+            count += 1
+            total_bytes += size_bytes
+        batch = self.proposals[:count]
+        del self.proposals[:count]
+        del self.proposal_sizes[:count]
+        return batch
+
+    def take_read_index_request(self) -> int | None:
+        """A read id to send as READ_INDEX when reads are waiting for one."""
+        if not self.reads_unrequested:
+            return None
+        read_id = self.next_read_id
+        self.next_read_id += 1
+        self.reads_in_round[read_id] = self.reads_unrequested
+        self.reads_unrequested = []
+        return read_id
+
+    def take_raft_status_request(self) -> int | None:
+        if not self.status_waiting:
+            return None
+        status_id = self.next_status_id
+        self.next_status_id += 1
+        self.status_in_flight[status_id] = self.status_waiting
+        self.status_waiting = []
+        return status_id
+
+    # ---- answers from the raft log and the applier -----------------------
+
+    def on_propose_failed(self, request_ids: list, code: str) -> None:
+        for request_id in request_ids:
+            origin = self.pending_writes.pop(request_id, None)
+            if origin is not None:
+                self.fail(origin, QuorumError(code))
+
+    def on_results(self, results: list) -> None:
+        for request_id, status, body in results:
+            origin = self.pending_writes.pop(request_id, None)
+            if origin is not None:
+                self.emit(origin, status, body)
+
+    def on_read_index(self, read_id: int, index: int) -> None:
+        reads = self.reads_in_round.pop(read_id, None)
+        if reads is None:
+            return
+        self.reads_at_index.append((index, reads))
+        self._serve_ready_reads()
+
+    def on_read_index_failed(self, read_id: int, code: str) -> None:
+        for origin, _op, _body in self.reads_in_round.pop(read_id, []):
+            self.fail(origin, QuorumError(code))
+
+    def on_applied(self, applied_index: int) -> None:
+        if applied_index > self.applied_index:
+            self.applied_index = applied_index
+        self._serve_ready_reads()
+
+    def _serve_ready_reads(self) -> None:
+        # Read rounds complete in order, so their indexes never decrease.
+        while self.reads_at_index and self.reads_at_index[0][0] <= self.applied_index:
+            _index, reads = self.reads_at_index.popleft()
+            for origin, op, body in reads:
+                self._serve_read(origin, op, body)
+
+    def on_raft_status(self, status_id: int, status: dict) -> None:
+        self.raft_status = status
+        self.raft_term = status.get("term", self.raft_term)
+        waiting = self.status_in_flight.pop(status_id, [])
+        if not waiting:
+            return
+        store_status = self.store.status()
+        response = {
+            "header": self.header(store_status["revision"]),
+            "version": SERVER_VERSION,
+            "db_size": store_status["db_size"],
+            "db_size_in_use": store_status["db_size_in_use"],
+            "leader": status.get("leader", 0),
+            "raft_index": status.get("last_index", 0),
+            "raft_term": status.get("term", 0),
+            "raft_applied_index": store_status["raft_applied_index"],
+            "errors": [],
+            "is_learner": False,
+        }
+        alarms = self.store.alarms()
+        if alarms:
+            names = {messages.ALARM_NOSPACE: "NOSPACE", messages.ALARM_CORRUPT: "CORRUPT"}
+            response["errors"] = [f"memberID:{a['member_id']} alarm:{names.get(a['alarm'], a['alarm'])} "
+                                  for a in alarms]
+        for origin in waiting:
+            self.emit(origin, STATUS_OK, response)
+
+    def fail_everything(self, code: str) -> None:
+        """Answer every request still held (the actor is stopping)."""
+        error = QuorumError(code)
+        for origin in list(self.pending_writes.values()):
+            self.fail(origin, error)
+        self.pending_writes.clear()
+        self.proposals.clear()
+        self.proposal_sizes.clear()
+        for origin, _op, _body in self.reads_unrequested:
+            self.fail(origin, error)
+        for reads in self.reads_in_round.values():
+            for origin, _op, _body in reads:
+                self.fail(origin, error)
+        for _index, reads in self.reads_at_index:
+            for origin, _op, _body in reads:
+                self.fail(origin, error)
+        self.reads_unrequested, self.reads_in_round = [], {}
+        self.reads_at_index.clear()

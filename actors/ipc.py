@@ -1,0 +1,99 @@
+"""The messages actors of one node send each other, and where they meet.
+
+Every internal message is one ZeroMQ frame holding a msgpack array whose
+first element is its kind (a string below). Sockets (all `ipc://` in the
+node's run directory):
+
+  raft.sock     ROUTER bound by the raft log.
+                Gateways (identity b"gateway-<i>") and the applier (b"applier")
+                connect DEALERs.
+  applier.sock  ROUTER bound by the applier. Gateways connect DEALERs
+                (identity b"gateway-<i>") and say HELLO so the applier knows them.
+
+gateway -> raft log
+  [PROPOSE, [[gw_request_id, op, body], ...]]
+      One message = one raft entry (batching). Bodies are already validated.
+  [READ_INDEX, read_id]
+      Ask for an index such that serving a read once the applier has
+      applied up to it is linearizable.
+  [RAFT_STATUS, status_id]
+raft log -> gateway
+  [PROPOSE_FAILED, [gw_request_id, ...], error_code]  (e.g. "NoLeader")
+  [READ_INDEX, read_id, index]
+  [READ_INDEX_FAILED, read_id, error_code]
+  [RAFT_STATUS, status_id, {"term", "leader", "commit_index", "last_index",
+                            "member_id", "cluster_id", "snapshot_index"}]
+
+applier -> raft log
+  [SUBSCRIBE, applied_index]    (at start: send me committed entries after this)
+  [APPLIED, applied_index, durable_index]
+      Acknowledges delivered entries (flow control) and says how far the
+      store is durable, so the raft log may truncate its WAL below it.
+raft log -> applier
+  [ENTRIES, [[index, term, entry_type, data], ...]]
+      Committed entries in order, with no gaps. For ENTRY_NORMAL, data is
+      msgpack [gateway_identity, [[gw_request_id, op, body], ...]].
+      An ENTRY_EMPTY (a new leader's no-op) has data b"".
+
+gateway -> applier
+  [HELLO]
+  [DEFRAGMENT, defrag_id]      (answered with [DEFRAGMENT, defrag_id, error_or_None])
+applier -> gateway
+  [RESULTS, [[gw_request_id, status, body], ...]]   (status as protocol.codec)
+  [APPLIED, applied_index, revision, store_generation]
+      Broadcast after every applied batch: reads waiting for a read index
+      may now be served; a new store generation means reopen the store
+      (after a defragment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+PROPOSE = "propose"
+PROPOSE_FAILED = "propose_failed"
+READ_INDEX = "read_index"
+READ_INDEX_FAILED = "read_index_failed"
+RAFT_STATUS = "raft_status"
+SUBSCRIBE = "subscribe"
+APPLIED = "applied"
+ENTRIES = "entries"
+HELLO = "hello"
+DEFRAGMENT = "defragment"
+RESULTS = "results"
+
+ENTRY_NORMAL = 0
+ENTRY_EMPTY = 1
+ENTRY_CONF_CHANGE = 2
+
+APPLIER_IDENTITY = b"applier"
+
+# Unix socket paths are limited to 107 bytes; a deep data dir gets its
+# sockets in a short directory under the system temp dir instead.
+_MAX_SOCKET_PATH = 100
+
+
+def gateway_identity(index: int) -> bytes:
+    return f"gateway-{index}".encode()
+
+
+def run_dir(data_dir: str) -> str:
+    preferred = os.path.join(os.path.abspath(data_dir), "run")
+    if len(os.path.join(preferred, "applier.sock")) <= _MAX_SOCKET_PATH:
+        return preferred
+    digest = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"qkv-{digest}")
+
+
+def endpoint(data_dir: str, name: str) -> str:
+    return "ipc://" + os.path.join(run_dir(data_dir), name)
+
+
+def raft_endpoint(data_dir: str) -> str:
+    return endpoint(data_dir, "raft.sock")
+
+
+def applier_endpoint(data_dir: str) -> str:
+    return endpoint(data_dir, "applier.sock")

@@ -1,0 +1,1 @@
+"""quorumkv's wire protocol: limits, error codes, codec, request schemas and the client."""

@@ -1,0 +1,124 @@
+"""Goal: the gateway core routes each request to the right path and keeps
+linearizable reads honest. Method: drive GatewayCore directly with a stub
+store and play the raft log's and the applier's answers by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from actors.gateway_core import GatewayCore
+from protocol.codec import STATUS_ERROR, STATUS_OK
+from protocol.limits import Limits
+
+
+class StubStore:
+    def __init__(self):
+        self.applied = 0
+        self.reads = []
+
+    def applied_index(self):
+        return self.applied
+
+    def revision(self):
+        return 1
+
+    def range(self, body):
+        self.reads.append(body["key"])
+        return {"header": {"revision": 1}, "kvs": [], "more": False, "count": 0}
+
+    def alarms(self):
+        return []
+
+    def status(self):
+        return {"db_size": 1, "db_size_in_use": 1, "revision": 1, "raft_applied_index": self.applied,
+                "raft_term": 1, "compact_revision": 0}
+
+
+def make_core(limits=Limits()):
+    replies = []
+    store = StubStore()
+    core = GatewayCore(store=store, limits=limits, member_id=7, cluster_id=9, gateway_identity=b"gateway-0",
+                       emit=lambda origin, status, body: replies.append((origin, status, body)),
+                       rng=random.Random(1))
+    return core, store, replies
+
+
+def test_serializable_read_answers_at_once_with_full_header():
+    core, store, replies = make_core()
+    core.submit("c1", "range", {"key": b"k", "serializable": True})
+    assert [(origin, status) for origin, status, _ in replies] == [("c1", STATUS_OK)]
+    assert replies[0][2]["header"] == {"cluster_id": 9, "member_id": 7, "revision": 1, "raft_term": 0}
+
+
+def test_linearizable_read_waits_for_read_index_and_apply():
+    core, store, replies = make_core()
+    core.submit("early", "range", {"key": b"a"})
+    assert replies == [] and store.reads == []
+    first_round = core.take_read_index_request()
+    assert first_round is not None
+    # A read arriving after the round was requested must not ride on it.
+    core.submit("late", "range", {"key": b"b"})
+    core.on_read_index(first_round, 5)
+    assert replies == []  # applied (0) is behind the read index (5)
+    core.on_applied(4)
+    assert replies == []
+    core.on_applied(5)
+    assert [origin for origin, _, _ in replies] == ["early"]
+    second_round = core.take_read_index_request()
+    core.on_read_index(second_round, 5)
+    assert [origin for origin, _, _ in replies] == ["early", "late"]
+
+
+def test_writes_are_batched_and_completed_by_results():
+    core, _store, replies = make_core()
+    core.submit("w1", "put", {"key": b"a", "value": b"1"}, size_bytes=10)
+    core.submit("w2", "delete_range", {"key": b"a"}, size_bytes=10)
+    batch = core.take_proposals()
+    assert [op for _, op, _ in batch] == ["put", "delete_range"]
+    assert core.take_proposals() == []
+    core.on_results([[batch[1][0], STATUS_OK, {"header": {}}], [batch[0][0], STATUS_OK, {"header": {}}]])
+    assert [origin for origin, _, _ in replies] == ["w2", "w1"]
+    core.on_results([[batch[0][0], STATUS_OK, {}]])  # a duplicate answer is ignored
+    assert len(replies) == 2
+
+
+def test_proposal_batches_respect_request_and_byte_bounds():
+    limits = dataclasses.replace(Limits(), max_proposal_batch_requests=3, max_proposal_batch_bytes=2_000_000)
+    core, _store, _replies = make_core(limits)
+    for i in range(5):
+        core.submit(i, "put", {"key": b"k%d" % i}, size_bytes=900_000)
+    sizes = []
+    while batch := core.take_proposals():
+        sizes.append(len(batch))
+    assert sizes == [2, 2, 1]
+
+
+def test_failed_proposals_and_read_rounds_answer_with_the_code():
+    core, _store, replies = make_core()
+    core.submit("w", "put", {"key": b"a"})
+    core.submit("r", "range", {"key": b"a"})
+    batch = core.take_proposals()
+    core.on_propose_failed([batch[0][0]], "NoLeader")
+    core.on_read_index_failed(core.take_read_index_request(), "NoLeader")
+    assert {(origin, body["code"]) for origin, status, body in replies if status == STATUS_ERROR} == {
+        ("w", "NoLeader"), ("r", "NoLeader")}
+
+
+def test_invalid_requests_and_full_queue_are_refused():
+    limits = dataclasses.replace(Limits(), max_pending_requests_per_gateway=2)
+    core, _store, replies = make_core(limits)
+    core.submit("bad", "put", {"key": b""})
+    core.submit("big", "put", {"key": b"a"}, size_bytes=limits.max_request_bytes + 1)
+    core.submit(1, "put", {"key": b"a"})
+    core.submit(2, "put", {"key": b"b"})
+    core.submit("full", "put", {"key": b"c"})
+    codes = {origin: body["code"] for origin, status, body in replies if status == STATUS_ERROR}
+    assert codes == {"bad": "EmptyKey", "big": "RequestTooLarge", "full": "TooManyRequests"}
+
+
+def test_lease_grant_gets_an_id_before_it_is_proposed():
+    core, _store, _replies = make_core()
+    core.submit("g", "lease_grant", {"TTL": 10})
+    (_request_id, op, body), = core.take_proposals()
+    assert op == "lease_grant" and body["ID"] > 0
