@@ -20,6 +20,7 @@ import json
 import os
 import urllib.parse
 
+from actors.compactor import AutoCompactor
 from protocol.limits import DEFAULT_LIMITS, Limits
 
 ZMQ_PORT_OFFSET = 3
@@ -102,6 +103,7 @@ class NodeConfig:
             raise ValueError("--initial-cluster-state must be 'new' or 'existing'")
         if self.auto_compaction_mode not in ("periodic", "revision"):
             raise ValueError("--auto-compaction-mode must be 'periodic' or 'revision'")
+        AutoCompactor(self.auto_compaction_mode, self.auto_compaction_retention)
         if self.gateways < 0:
             raise ValueError("--gateways must not be negative")
         self.cluster_members()
@@ -141,10 +143,6 @@ def _urls(text: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in text.split(",") if u.strip())
 
 
-def _seconds_or_hours(text: str) -> str:
-    return text
-
-
 FLAGS: dict[str, tuple[str, object, str]] = {
     "name": ("name", str, "human-readable name for this member"),
     "data-dir": ("data_dir", str, "path to the data directory"),
@@ -163,7 +161,7 @@ FLAGS: dict[str, tuple[str, object, str]] = {
     "max-request-bytes": ("max_request_bytes", int, "maximum client request size in bytes"),
     "max-txn-ops": ("max_txn_ops", int, "maximum number of operations in a txn"),
     "auto-compaction-mode": ("auto_compaction_mode", str, "'periodic' or 'revision'"),
-    "auto-compaction-retention": ("auto_compaction_retention", _seconds_or_hours,
+    "auto-compaction-retention": ("auto_compaction_retention", str,
                                   "auto compaction retention: hours or a duration (periodic), revisions (revision); 0 disables"),
     "gateways": ("gateways", int, "number of gateway processes (default: number of cores)"),
     "log-level": ("log_level", str, "debug, info, warn or error"),

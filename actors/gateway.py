@@ -16,10 +16,12 @@ import glob
 import os
 import random
 import tempfile
+import time
 
 import zmq
 
 from actors import ipc
+from actors.compactor import CHECK_INTERVAL_MS, AutoCompactor
 from actors.config import NodeConfig
 from actors.gateway_core import SERVER_VERSION, GatewayCore
 from actors.loop import ActorLoop
@@ -29,9 +31,10 @@ from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
 
 RAFT_STATUS_REFRESH_MS = 1000
-SNAPSHOT_PUMP_MS = 2
-# Chunks sent per snapshot stream per pump (bounded memory in the socket queue).
-SNAPSHOT_CHUNKS_PER_PUMP = 8
+SNAPSHOT_PUMP_MS = 10
+# Chunks sent per snapshot stream per pump: paces a stream at about
+# 400 MiB/s so a slow reader does not fill the socket queue at once.
+SNAPSHOT_CHUNKS_PER_PUMP = 4
 
 
 def open_store(config: NodeConfig) -> MvccStore:
@@ -81,6 +84,7 @@ class Gateway:
                                 cluster_id=config.cluster_id(), gateway_identity=self.identity,
                                 emit=self._emit, rng=random.Random())
         self.core.local_handlers.update(hello=self._hello, snapshot=self._snapshot, defragment=self._defragment)
+        self.auto_compactor = AutoCompactor(config.auto_compaction_mode, config.auto_compaction_retention)
         self.snapshots: list[SnapshotStream] = []
         self.next_defrag_id = 1
         self.defrags: dict[int, object] = {}
@@ -151,6 +155,10 @@ class Gateway:
     # ---- replies ----------------------------------------------------------
 
     def _emit(self, origin, status: int, body: dict) -> None:
+        if origin is AUTO_COMPACTION:
+            if status != STATUS_OK and body.get("code") != "Compacted":
+                self.log.warning("auto-compaction failed", error=body)
+            return
         identity, request_id = origin
         self.outbox.setdefault(identity, []).append([request_id, status, body])
 
@@ -287,6 +295,16 @@ class Gateway:
         else:
             self._emit(origin, STATUS_OK, {"header": self.core.header(self.store.revision())})
 
+    def auto_compact(self) -> None:
+        # Only the leader compacts, so members do not race each other's requests.
+        if self.core.raft_status.get("leader") != self.core.member_id:
+            return
+        target = self.auto_compactor.observe(int(time.monotonic() * 1000), self.store.revision())
+        if target is not None:
+            self.log.info("auto-compaction", revision=target, mode=self.auto_compactor.mode)
+            self.core.submit(AUTO_COMPACTION, "compaction", {"revision": target})
+            self.flush()
+
     def refresh_raft_status(self) -> None:
         self.raft.send(codec.pack([ipc.RAFT_STATUS, 0]))
 
@@ -297,6 +315,9 @@ class Gateway:
             stream.close()
         self.store.close()
         self.context.destroy(linger=0)
+
+
+AUTO_COMPACTION = object()  # the origin of auto-compaction requests
 
 
 def _is_plain(request_id) -> bool:
@@ -311,6 +332,8 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_socket(gateway.applier, gateway.on_applier, multipart=False)
     loop.add_timer(RAFT_STATUS_REFRESH_MS, gateway.refresh_raft_status)
     loop.add_timer(SNAPSHOT_PUMP_MS, gateway.pump_snapshots)
+    if index == 0 and gateway.auto_compactor.enabled:
+        loop.add_timer(CHECK_INTERVAL_MS, gateway.auto_compact)
     gateway.refresh_raft_status()
     try:
         reason = loop.run()

@@ -97,12 +97,8 @@ class ActorLoop:
         signal.signal(signal.SIGTERM, lambda *_: self.stop("SIGTERM"))
         signal.signal(signal.SIGINT, lambda *_: self.stop("SIGINT"))
         while self.running:  # the actor's one unbounded loop
-            try:
-                ready = dict(self.poller.poll(self._next_timeout_ms()))
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EINTR if hasattr(zmq, "EINTR") else False:
-                    continue
-                raise
+            # pyzmq retries a poll interrupted by a signal (EINTR) itself.
+            ready = dict(self.poller.poll(self._next_timeout_ms()))
             for socket, handler in self.handlers.items():
                 if socket in ready:
                     batch = self._drain(socket)
