@@ -30,6 +30,9 @@ from protocol.errors import QuorumError
 
 COMPACTION_STEP_MS = 10
 RESUBSCRIBE_MS = 1000
+# At start, how long to wait for every gateway's HELLO before asking for
+# entries anyway: results for a gateway not yet connected would be lost.
+GATEWAY_WAIT_MS = 2000
 
 
 def open_writer(config: NodeConfig) -> MvccStore:
@@ -62,17 +65,24 @@ class Applier:
         # Physical compactions waiting for their steps: (gateway, request id, body).
         self.physical_compactions: list[tuple[bytes, object, dict]] = []
         self.idle_periods = 0
+        self.gateways_heard: set[bytes] = set()
+        self.subscribed = False
         self.handlers = {ipc.ENTRIES: self._on_entries}
 
     def subscribe(self) -> None:
+        self.subscribed = True
         self.raft.send(codec.pack([ipc.SUBSCRIBE, self.store.applied_index()]))
 
     def resubscribe_if_idle(self) -> None:
         # A restarted raft log has forgotten us; asking again is harmless
         # because delivery restarts from our applied index.
-        if self.idle_periods >= 1:
+        if self.subscribed and self.idle_periods >= 1:
             self.subscribe()
         self.idle_periods += 1
+
+    def subscribe_when_gateways_heard(self) -> None:
+        if not self.subscribed and self.gateways_heard >= set(self.gateway_identities):
+            self.subscribe()
 
     # ---- entries --------------------------------------------------------
 
@@ -164,10 +174,12 @@ class Applier:
                 self.log.warning("malformed message from a gateway dropped")
                 continue
             if kind == ipc.HELLO:
+                self.gateways_heard.add(gateway)
                 self._send(gateway, [ipc.APPLIED, self.store.applied_index(), self.store.revision(),
                                      self.store.generation])
             elif kind == ipc.DEFRAGMENT and len(message) == 2:
                 self._defragment(gateway, message[1])
+        self.subscribe_when_gateways_heard()
 
     def _defragment(self, gateway: bytes, defrag_id) -> None:
         try:
@@ -201,7 +213,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_socket(applier.gateways, applier.on_gateways)
     loop.add_timer(COMPACTION_STEP_MS, applier.compaction_step)
     loop.add_timer(RESUBSCRIBE_MS, applier.resubscribe_if_idle)
-    applier.subscribe()
+    loop.add_timer(GATEWAY_WAIT_MS, lambda: applier.subscribed or applier.subscribe())
     log.info("applier started", applied_index=applier.store.applied_index(), revision=applier.store.revision())
     try:
         reason = loop.run()

@@ -31,6 +31,7 @@ from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
 
 RAFT_STATUS_REFRESH_MS = 1000
+APPLIER_HELLO_MS = 1000
 SNAPSHOT_PUMP_MS = 10
 # Chunks sent per snapshot stream per pump: paces a stream at about
 # 400 MiB/s so a slow reader does not fill the socket queue at once.
@@ -91,7 +92,10 @@ class Gateway:
         self.client = self._bind_client_socket()
         self.raft = self._dealer(ipc.raft_endpoint(config.data_dir))
         self.applier = self._dealer(ipc.applier_endpoint(config.data_dir))
-        self.applier.send(codec.pack([ipc.HELLO]))
+        # Results for our proposals come back over this link; proposing before
+        # the applier has answered our HELLO could lose them (an unroutable reply).
+        self.applier_linked = False
+        self.say_hello()
         self.raft_handlers = {
             ipc.PROPOSE_FAILED: lambda m: self.core.on_propose_failed(m[1], m[2]),
             ipc.READ_INDEX: lambda m: self.core.on_read_index(m[1], m[2]),
@@ -174,8 +178,12 @@ class Gateway:
             # The client went away; nobody is left to hear the answer.
         return False
 
+    def say_hello(self) -> None:
+        # Repeated so a restarted applier learns of us.
+        self.applier.send(codec.pack([ipc.HELLO]))
+
     def flush(self) -> None:
-        while True:
+        while self.applier_linked:
             batch = self.core.take_proposals()
             if not batch:
                 break
@@ -242,6 +250,7 @@ class Gateway:
 
     def _on_applied(self, message: list) -> None:
         _kind, applied_index, _revision, generation = message
+        self.applier_linked = True
         if generation != self.store.generation:
             self.store.reopen_if_stale(generation)
         self.core.on_applied(applied_index)
@@ -332,6 +341,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_socket(gateway.applier, gateway.on_applier, multipart=False)
     loop.add_timer(RAFT_STATUS_REFRESH_MS, gateway.refresh_raft_status)
     loop.add_timer(SNAPSHOT_PUMP_MS, gateway.pump_snapshots)
+    loop.add_timer(APPLIER_HELLO_MS, gateway.say_hello)
     if index == 0 and gateway.auto_compactor.enabled:
         loop.add_timer(CHECK_INTERVAL_MS, gateway.auto_compact)
     gateway.refresh_raft_status()
