@@ -12,11 +12,11 @@ carries out itself.
 
 from __future__ import annotations
 
-import glob
 import os
 import random
 import tempfile
 import time
+import urllib.parse
 
 import zmq
 
@@ -202,10 +202,12 @@ class Gateway:
 
     def on_client(self, batch: list) -> None:
         for parts in batch:
-            if len(parts) != 2:
-                continue  # a ROUTER always gives [identity, frame]; anything else is noise
-            identity, frame = parts
-            self._take_frame(identity, frame)
+            identity, frames = parts[0], parts[1:]
+            if len(frames) != 1:
+                error = QuorumError("MalformedFrame", "a message is one frame; got %d parts" % len(frames))
+                self._emit((identity, None), STATUS_ERROR, error.to_wire())
+                continue
+            self._take_frame(identity, frames[0])
         self.flush()
 
     def _take_frame(self, identity: bytes, frame: bytes) -> None:
@@ -259,9 +261,13 @@ class Gateway:
 
     def _hello(self, origin, _body: dict) -> None:
         endpoints = []
-        for path in sorted(glob.glob(os.path.join(ipc.run_dir(self.config.data_dir), "gateway-*.endpoint"))):
-            with open(path, encoding="utf-8") as handle:
-                endpoints.append(handle.read().strip())
+        for index in range(self.config.gateway_count()):
+            path = os.path.join(ipc.run_dir(self.config.data_dir), f"gateway-{index}.endpoint")
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    endpoints.append(_advertised(handle.read().strip(), self.config))
+            except FileNotFoundError:
+                continue  # that gateway is (re)starting
         self._emit(origin, STATUS_OK, {"version": SERVER_VERSION, "member_id": self.core.member_id,
                                        "cluster_id": self.core.cluster_id, "gateways": endpoints})
 
@@ -326,11 +332,20 @@ class Gateway:
         self.context.destroy(linger=0)
 
 
+def _advertised(endpoint: str, config: NodeConfig) -> str:
+    """A wildcard bind (0.0.0.0) is advertised under the first client URL's host."""
+    if "://0.0.0.0:" not in endpoint and "://[::]:" not in endpoint:
+        return endpoint
+    port = endpoint.rsplit(":", 1)[1]
+    host = urllib.parse.urlsplit(config.advertise_client_urls[0]).hostname or "127.0.0.1"
+    return f"tcp://{host}:{port}"
+
+
 AUTO_COMPACTION = object()  # the origin of auto-compaction requests
 
 
 def _is_plain(request_id) -> bool:
-    return request_id is None or (isinstance(request_id, (int, str)) and not isinstance(request_id, bool))
+    return isinstance(request_id, (int, str)) and not isinstance(request_id, bool)
 
 
 def run(config: NodeConfig, index: int, log) -> None:

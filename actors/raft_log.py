@@ -89,6 +89,7 @@ class RaftLogActor:
         self.unacknowledged_batches: collections.deque[int] = collections.deque()
         self.durable_index = 0
         self.fsync_count = 0
+        self.bytes_since_snapshot = 0
         self.peer_messages_dropped = 0
 
     # ---- inputs ---------------------------------------------------------------
@@ -200,6 +201,7 @@ class RaftLogActor:
                               term=node.raft.term)
             if ready.entries:
                 self.wal.append_entries(ready.entries)
+                self.bytes_since_snapshot += sum(len(entry.data) for entry in ready.entries)
             if ready.hard_state is not None:
                 hard = ready.hard_state
                 self.wal.set_hard_state(hard.term, hard.vote, hard.commit)
@@ -249,8 +251,14 @@ class RaftLogActor:
         """Write a snapshot marker at the durable index every snapshot_count
         entries and release WAL segments well below it."""
         durable = self.durable_index
-        if durable - self.wal.snapshot.index < self.config.snapshot_count:
+        # Entries are batches of requests, so a count alone does not bound the
+        # memory the log holds: a byte budget triggers a snapshot too.
+        if (durable - self.wal.snapshot.index < self.config.snapshot_count
+                and self.bytes_since_snapshot < self.limits.max_log_bytes_between_snapshots):
             return
+        if durable <= self.wal.snapshot.index:
+            return
+        self.bytes_since_snapshot = 0
         term = self.node.raft.log.term(durable)
         assert term is not None, durable
         voters = list(self.node.raft.voters)

@@ -39,6 +39,10 @@ def run_role(config: node_config.NodeConfig, role: str, index: int) -> int:
     log = logs.configure(config.name, name, config.log_level)
     if os.environ.get(CONFIG_ENV):
         die_with_parent()
+    elif not os.path.exists(os.path.join(config.data_dir, "store", "CURRENT")):
+        # Started by supervisord or systemd, not our supervisor: whichever
+        # actor comes first makes the data dir for the others.
+        prepare_data_dir(config)
     module = importlib.import_module(ROLES[role])
     module.run(config, index, log)
     return 0

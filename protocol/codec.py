@@ -56,7 +56,7 @@ def decode_frame(data: bytes, max_frame_bytes: int, max_items: int) -> list:
     if not isinstance(frame, list) or len(frame) != 2:
         raise QuorumError("MalformedFrame", "a frame is [version, items]")
     version, items = frame
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise QuorumError("UnsupportedVersion", f"got {version!r}, this server speaks {PROTOCOL_VERSION}")
     if not isinstance(items, list):
         raise QuorumError("MalformedFrame", "items must be an array")

@@ -43,6 +43,9 @@ class Limits:
     # Entries kept in the log behind the last snapshot so a slow applier or
     # follower catches up from the log rather than needing a snapshot.
     snapshot_catchup_entries: int = 5000
+    # Entry bytes the raft log may take in between snapshots (it holds them in
+    # memory); past this a snapshot is taken before --snapshot-count is reached.
+    max_log_bytes_between_snapshots: int = 256 * MIB
     # Messages drained from one socket per loop pass (fairness between sockets).
     max_messages_per_poll: int = 256
     # ZeroMQ high-water marks (messages) on every socket.

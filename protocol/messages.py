@@ -1,8 +1,8 @@
 """Request schemas: every operation, its fields, their types and defaults.
 
 How this works: an operation's body is a msgpack map whose field names are
-etcd's protobuf field names (snake_case), so the ZeroMQ protocol and the
-etcd gRPC API map one to one. `validate_request(op, body, limits)` checks
+etcd's protobuf field names, in snake_case throughout (etcd's `dbSize` is our
+`db_size`), so the ZeroMQ protocol and the etcd gRPC API map one to one. `validate_request(op, body, limits)` checks
 every field (unknown fields are an error, as are wrong types), fills in the
 defaults and applies etcd's request checks (empty key, txn op count,
 duplicate keys in a txn). It returns the normalised body, which is what
