@@ -138,3 +138,20 @@ def test_snapshot_save_status_restore(node, tmp_path):
     assert os.listdir(restored)
     exists = node.ctl("snapshot", "restore", path, "--data-dir", restored)
     assert (exists.returncode, exists.stderr) == (1, f'Error: data-dir "{restored}" exists\n')
+
+
+def test_restored_data_dir_boots_and_serves_the_snapshot(node, node_factory, tmp_path):
+    """Goal: `snapshot restore` makes a data dir a node boots from, with the
+    saved keys and revision, and that takes new writes after them."""
+    for i in range(20):
+        ok(node.ctl("put", f"restore/{i}", f"v{i}"))
+    saved_revision = node.client().status()["header"]["revision"]
+    path = str(tmp_path / "restore.db")
+    ok(node.ctl("snapshot", "save", path))
+    restored = node_factory("restored", start=False)
+    ok(node.ctl("snapshot", "restore", path, "--data-dir", restored.data_dir))
+    restored.start()
+    with restored.client() as client:
+        kvs = client.get("restore/", prefix=True)["kvs"]
+        assert [kv["value"] for kv in kvs] == [f"v{i}".encode() for i in sorted(range(20), key=str)]
+        assert client.put("restore/new", "after")["header"]["revision"] == saved_revision + 1

@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("args", nargs="*")
     restore.add_argument("--data-dir", default="", help="Path to the data directory")
     restore.add_argument("--name", default="default", help="Human-readable name for this member")
+    restore.add_argument("--initial-cluster", default="", help="Initial cluster configuration for restore bootstrap")
+    restore.add_argument("--initial-cluster-token", default="etcd-cluster",
+                         help="Initial cluster token for the etcd cluster during restore bootstrap")
+    restore.add_argument("--initial-advertise-peer-urls", default="http://localhost:2380",
+                         help="List of this member's peer URLs to advertise to the rest of the cluster")
     status = _leaf(snapshot, "status", "snapshot status", "Gets backend snapshot status of a given file")
     status.add_argument("args", nargs="*")
 

@@ -301,13 +301,14 @@ def cmd_snapshot_restore(ctx: Context) -> int:
     data_dir = ctx.options.data_dir or f"{ctx.options.name}.qkv"
     if os.path.exists(data_dir):
         raise CtlError(EXIT_ERROR, f"data-dir {ctl_format.go_quote(data_dir)} exists")
-    # The node keeps its MVCC store in a directory of its data dir; ask the
-    # server code where, rather than repeating the layout here.
     from actors.config import NodeConfig
-    from actors.gateway import store_dir
+    from actors.restore import restore_data_dir
 
     try:
-        _mvcc_store().restore(args[0], store_dir(NodeConfig(data_dir=data_dir)))
+        restore_data_dir(args[0], NodeConfig(
+            name=ctx.options.name, data_dir=data_dir, initial_cluster=ctx.options.initial_cluster,
+            initial_cluster_token=ctx.options.initial_cluster_token,
+            initial_advertise_peer_urls=tuple(ctx.options.initial_advertise_peer_urls.split(","))))
     except OSError as error:
         raise CtlError(EXIT_ERROR, str(error)) from None
     ctx.write(f"restored snapshot {args[0]} to {data_dir}\n", to_stderr=True)
