@@ -83,7 +83,11 @@ class Node:
                                         cwd=REPO, stdout=log, stderr=log, start_new_session=True)
         log.close()
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()  # never leave a half-started group behind
+                raise
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -145,7 +149,8 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL the whole node, supervisor and actors at once."""
-        self._kill_group()
+        if self.process is not None:
+            self._kill_group()
         self.process = None
 
     def _kill_group(self) -> None:

@@ -9,11 +9,14 @@ Python client; every wait is a bounded poll of the node's own answers.
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
 
+from actors.config import ZMQ_PORT_OFFSET
 from protocol.client import CompactedError, NoSpaceError
+from tests.conftest import Node, free_port
 
 POLL_TIMEOUT_S = 30
 
@@ -112,3 +115,41 @@ def test_every_log_line_is_json_with_node_actor_pid(node):
         assert record["node"] == "test-node" and isinstance(record["pid"], int), line
         actors.add(record["actor"])
     assert {"supervisor", "raft_log", "applier", "gateway-0", "gateway-1"} <= actors
+
+
+def _free_port_with_free_offset(offset: int) -> int:
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def test_two_nodes_started_with_etcd_flags_alone_do_not_collide(tmp_path):
+    """Goal: etcd's flags alone are enough, also for several nodes on one host.
+    Method: two nodes given only --name/--data-dir/--listen-client-urls/
+    --listen-peer-urls; each serves on its derived ZeroMQ port (client + 3)."""
+    nodes = []
+    try:
+        for name in ("infra1", "infra2"):
+            client_port = _free_port_with_free_offset(ZMQ_PORT_OFFSET)
+            node = Node(str(tmp_path / f"{name}.qkv"), str(tmp_path / f"{name}.log"), gateways=1)
+            node.args = ["--name", name, "--data-dir", node.data_dir,
+                         "--listen-client-urls", f"http://127.0.0.1:{client_port}",
+                         "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
+                         "--listen-peer-urls", f"http://127.0.0.1:{free_port()}"]
+            node.zmq_endpoint = f"127.0.0.1:{client_port + ZMQ_PORT_OFFSET}"
+            nodes.append(node.start())
+        for node in nodes:
+            with node.client() as client:
+                client.put("who", node.data_dir)
+        for node in nodes:
+            with node.client() as client:
+                assert client.get("who")["kvs"][0]["value"] == node.data_dir.encode()
+    finally:
+        for node in nodes:
+            node.kill()
