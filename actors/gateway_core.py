@@ -64,6 +64,7 @@ class GatewayCore:
         self.next_read_id = 1
         self.reads_in_round: dict[int, list[tuple]] = {}
         self.reads_at_index: collections.deque[tuple[int, list[tuple]]] = collections.deque()
+        self.reads_held = 0  # linearizable reads in any of the three stages above
         # Requests needing the raft log's status (Status), by status id.
         self.next_status_id = 1
         self.status_waiting: list[object] = []
@@ -74,9 +75,7 @@ class GatewayCore:
     # ---- intake -------------------------------------------------------
 
     def pending_count(self) -> int:
-        return (len(self.pending_writes) + len(self.reads_unrequested)
-                + sum(len(reads) for reads in self.reads_in_round.values())
-                + sum(len(reads) for _, reads in self.reads_at_index))
+        return len(self.pending_writes) + self.reads_held
 
     def submit(self, origin: object, op: object, body: object, size_bytes: int = 0) -> None:
         """Take one request; `size_bytes` is its encoded size (for batch bounds)."""
@@ -101,6 +100,7 @@ class GatewayCore:
                 self._serve_read(origin, op, body)
             else:
                 self.reads_unrequested.append((origin, op, body))
+                self.reads_held += 1
         elif op == "status":
             self.status_waiting.append(origin)
         elif op in self.local_handlers:
@@ -207,7 +207,9 @@ class GatewayCore:
         self._serve_ready_reads()
 
     def on_read_index_failed(self, read_id: int, code: str) -> None:
-        for origin, _op, _body in self.reads_in_round.pop(read_id, []):
+        reads = self.reads_in_round.pop(read_id, [])
+        self.reads_held -= len(reads)
+        for origin, _op, _body in reads:
             self.fail(origin, QuorumError(code))
 
     def on_applied(self, applied_index: int) -> None:
@@ -219,6 +221,7 @@ class GatewayCore:
         # Read rounds complete in order, so their indexes never decrease.
         while self.reads_at_index and self.reads_at_index[0][0] <= self.applied_index:
             _index, reads = self.reads_at_index.popleft()
+            self.reads_held -= len(reads)
             for origin, op, body in reads:
                 self._serve_read(origin, op, body)
 
@@ -267,3 +270,4 @@ class GatewayCore:
                 self.fail(origin, error)
         self.reads_unrequested, self.reads_in_round = [], {}
         self.reads_at_index.clear()
+        self.reads_held = 0

@@ -122,3 +122,20 @@ def test_lease_grant_gets_an_id_before_it_is_proposed():
     core.submit("g", "lease_grant", {"TTL": 10})
     (_request_id, op, body), = core.take_proposals()
     assert op == "lease_grant" and body["ID"] > 0
+
+
+def test_pending_count_follows_reads_through_every_stage():
+    core, _store, _replies = make_core()
+    core.submit("a", "range", {"key": b"a"})
+    core.submit("b", "range", {"key": b"b"})
+    core.submit("w", "put", {"key": b"w"})
+    assert core.pending_count() == 3
+    round_id = core.take_read_index_request()
+    assert core.pending_count() == 3
+    core.on_read_index(round_id, 1)
+    assert core.pending_count() == 3  # waiting for the applier
+    core.on_applied(1)
+    assert core.pending_count() == 1
+    core.submit("c", "range", {"key": b"c"})
+    core.on_read_index_failed(core.take_read_index_request(), "NoLeader")
+    assert core.pending_count() == 1
