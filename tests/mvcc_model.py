@@ -84,7 +84,11 @@ class Model:
                 "kvs": kvs, "more": more, "count": count}
 
     def hash_kv_revision_check(self, revision: int) -> None:
-        self.check_revision(revision)
+        # As etcd's HashByRev: hashing AT the compact revision is Compacted too.
+        if revision > self.revision:
+            raise QuorumError("FutureRev")
+        if 0 < revision <= self.compact_revision:
+            raise QuorumError("Compacted")
 
     def lease_time_to_live(self, body: dict) -> dict:
         lease_id = body["ID"]

@@ -269,8 +269,6 @@ def test_supervisord_runs_restarts_and_stops_a_node(tmp_path):
         supervisord.cleanup()
 
 
-@pytest.mark.xfail(strict=False, reason="in --role mode nothing creates the store before the gateways open it "
-                   "read-only, so they exit until the applier has (actors/server.py run_role)")
 def test_supervisord_first_start_has_no_crash_loop(tmp_path):
     """A brand new node under supervisord starts without any actor exiting.
 

@@ -188,9 +188,11 @@ def run_history(store: MvccStore, model: Model, history, apply_index: list[int])
             assert store.lease_time_to_live(arg) == model.lease_time_to_live(arg)
         elif kind == "hash":
             revision = pick_revision(arg, model)
-            status, _ = call(lambda: model.check_revision(revision))
+            status, expected = call(lambda: model.hash_kv_revision_check(revision))
             store_status, body = call(lambda: store.hash_kv(revision))
             assert store_status == status
+            if status != STATUS_OK:
+                assert body == expected
         assert store.revision() == model.revision
         assert store.compact_revision() == model.compact_revision
     # Every revision still readable answers the same, whole key space.

@@ -328,9 +328,10 @@ class MvccReader:
         return key_id != record[K_ID] or next_revision > compact
 
     def hash_kv(self, revision: int) -> dict:
+        # As etcd's HashByRev: unlike a range, hashing AT the compact revision is Compacted.
         if revision > self.revision:
             raise QuorumError("FutureRev")
-        if 0 < revision < self.compact_revision:
+        if 0 < revision <= self.compact_revision:
             raise QuorumError("Compacted")
         upto = revision or self.revision
         compact = self.compact_revision
@@ -344,7 +345,8 @@ class MvccReader:
                 if not self._kept_by_compaction(rev, sub, stored[R_KEY], stored[R_TOMBSTONE], compact):
                     continue
             crc = zlib.crc32(raw, zlib.crc32(raw_key, crc))
-        return {"header": {"revision": self.revision}, "hash": crc, "compact_revision": compact}
+        # etcd reports compact revision -1 until the first compaction.
+        return {"header": {"revision": self.revision}, "hash": crc, "compact_revision": compact or -1}
 
     def _prev_kv(self, key: bytes, revision: int, sub: int) -> dict | None:
         record = self._key_record(key)
@@ -412,6 +414,10 @@ class MvccReader:
     def lease_leases(self) -> dict:
         leases = [{"ID": _U64.unpack(raw_id)[0]} for raw_id, _ in self.backend.iterate("leases", b"")]
         return {"header": {"revision": self.revision}, "leases": leases}
+
+    def lease_ttls(self) -> list[tuple[int, int]]:
+        """Every lease as (id, granted TTL), in id order: what the lessor loads."""
+        return [(_U64.unpack(raw_id)[0], _unpackb(raw)[0]) for raw_id, raw in self.backend.iterate("leases", b"")]
 
     def alarms(self) -> list[dict]:
         return [{"member_id": member, "alarm": alarm} for member, alarm in self.alarm_list()]

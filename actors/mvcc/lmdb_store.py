@@ -5,7 +5,14 @@ atomically: temp file, fsync, rename, fsync dir) and ``<store_dir>/gen-<N>/``
 is the LMDB environment (data.mdb + lock.mdb). Defragmenting copies the env
 compacted into gen-N+1, switches CURRENT and reopens; readers in other
 processes reopen when told the new generation (`reopen_if_stale`). The
-writer removes generation dirs other than CURRENT when it opens.
+writer removes generation dirs other than CURRENT when it opens and after
+each defragment.
+
+A new store's gen-1 (with all its tables) is created and closed before
+CURRENT is written, so whoever finds CURRENT finds a complete env; CURRENT's
+temp file is per process, so several actors may create the store at once.
+A reader opens whatever CURRENT names, retrying a few times when a
+defragment removes that generation under it.
 
 One LMDB write transaction per `apply()` call; the applied raft index is
 written in it. The env runs with metasync off (MDB_NOMETASYNC): one fsync
@@ -17,8 +24,10 @@ transaction per call, so every read sees the latest committed state.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import time
 from typing import Iterator
 
 import lmdb
@@ -31,6 +40,10 @@ from protocol.limits import DEFAULT_LIMITS, Limits
 
 CURRENT_FILE = "CURRENT"
 LMDB_META_PAGES = 2
+# Opening the generation CURRENT names can fail when back-to-back defragments
+# remove it meanwhile: read CURRENT again, this many times in all.
+OPEN_ATTEMPTS = 20
+OPEN_RETRY_SLEEP_S = 0.01
 
 
 class LmdbTxn:
@@ -82,7 +95,8 @@ def pages_in_use(txn: lmdb.Transaction, dbs: dict) -> int:
 
 def _write_current(store_dir: str, generation: int) -> None:
     path = os.path.join(store_dir, CURRENT_FILE)
-    temporary = path + ".tmp"
+    # Per process: actors creating the store at once must not share a temp file.
+    temporary = f"{path}.tmp.{os.getpid()}"
     with open(temporary, "w") as handle:
         handle.write(f"{generation}\n")
         handle.flush()
@@ -96,8 +110,21 @@ def _write_current(store_dir: str, generation: int) -> None:
 
 
 def _read_current(store_dir: str) -> int:
-    with open(os.path.join(store_dir, CURRENT_FILE)) as handle:
-        return int(handle.read().strip())
+    path = os.path.join(store_dir, CURRENT_FILE)
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip())
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"no MVCC store in {store_dir} (no {CURRENT_FILE} file; "
+                                "the applier creates the store)", path) from None
+
+
+def _fsync_path(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _generation_dir(store_dir: str, generation: int) -> str:
@@ -131,26 +158,60 @@ class MvccStore:
         if writer:
             os.makedirs(store_dir, exist_ok=True)
             if not os.path.exists(os.path.join(store_dir, CURRENT_FILE)):
+                # Tables first, CURRENT last: a reader that finds CURRENT finds the tables.
                 os.makedirs(_generation_dir(store_dir, 1), exist_ok=True)
+                store._open_env(1)
+                store.close()
                 _write_current(store_dir, 1)
-        store._open_env(_read_current(store_dir))
+        store._open_current()
         if writer:
             store._remove_stale_generations()
         return store
 
+    def _open_current(self, newer_than: int = 0) -> bool:
+        """Open the generation CURRENT names if it is > newer_than; True if it opened one.
+
+        CURRENT may move (and the generation it named vanish) while we open it,
+        so a failed open reads CURRENT again, OPEN_ATTEMPTS times in all. The
+        env already open (if any) is closed only once the new one is open.
+        """
+        for attempt in range(OPEN_ATTEMPTS):
+            generation = _read_current(self.store_dir)
+            if generation <= newer_than:
+                return False
+            try:
+                env, dbs = self._open_generation(generation)
+            except (lmdb.Error, FileNotFoundError):
+                if attempt + 1 == OPEN_ATTEMPTS:
+                    raise
+                time.sleep(OPEN_RETRY_SLEEP_S)
+                continue
+            self.close()
+            self.env, self.dbs, self.generation = env, dbs, generation
+            return True
+        raise AssertionError("unreachable")
+
     def _open_env(self, generation: int) -> None:
-        path = _generation_dir(self.store_dir, generation)
-        self.env = lmdb.open(path, map_size=self.map_size_bytes, max_dbs=len(TABLES) + 1,
-                             readonly=not self.writer, sync=self.sync, metasync=False,
-                             readahead=False, max_readers=1024, subdir=True, create=self.writer)
-        if self.writer:
-            with self.env.begin(write=True) as txn:
-                self.dbs = {name: self.env.open_db(name.encode(), txn=txn, create=True) for name in TABLES}
-        else:
-            # Read-only: open_db without a txn uses (and commits) its own read txn,
-            # which is what keeps the handles valid after it ends.
-            self.dbs = {name: self.env.open_db(name.encode(), create=False) for name in TABLES}
+        self.env, self.dbs = self._open_generation(generation)
         self.generation = generation
+
+    def _open_generation(self, generation: int) -> tuple[lmdb.Environment, dict]:
+        path = _generation_dir(self.store_dir, generation)
+        env = lmdb.open(path, map_size=self.map_size_bytes, max_dbs=len(TABLES) + 1,
+                        readonly=not self.writer, sync=self.sync, metasync=False,
+                        readahead=False, max_readers=1024, subdir=True, create=self.writer)
+        try:
+            if self.writer:
+                with env.begin(write=True) as txn:
+                    dbs = {name: env.open_db(name.encode(), txn=txn, create=True) for name in TABLES}
+            else:
+                # Read-only: open_db without a txn uses (and commits) its own read txn,
+                # which is what keeps the handles valid after it ends.
+                dbs = {name: env.open_db(name.encode(), create=False) for name in TABLES}
+        except BaseException:
+            env.close()
+            raise
+        return env, dbs
 
     def _remove_stale_generations(self) -> None:
         for name in os.listdir(self.store_dir):
@@ -163,14 +224,16 @@ class MvccStore:
             self.env = None
 
     def reopen_if_stale(self, generation: int | None = None) -> bool:
-        """Reopen when the store moved to another generation; True if it reopened."""
-        if generation is None:
-            generation = _read_current(self.store_dir)
-        if generation == self.generation:
+        """Reopen on the latest generation when told of (or, with None, CURRENT names)
+        a newer one than ours; True if it reopened.
+
+        An older or equal `generation` (an old APPLIED message) is ignored. A newer
+        one is only a hint: by now it may be removed by a later defragment, so the
+        generation opened is the one CURRENT names.
+        """
+        if generation is not None and generation <= self.generation:
             return False
-        self.close()
-        self._open_env(generation)
-        return True
+        return self._open_current(newer_than=self.generation)
 
     # -- transactions -----------------------------------------------------
 
@@ -213,12 +276,21 @@ class MvccStore:
         path = _generation_dir(self.store_dir, new_generation)
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
-        self.env.copy(path, compact=True)
+        # copyfd into our own file, not env.copy(path): LMDB writes a path copy
+        # with O_DIRECT, which leaves the new generation out of the page cache
+        # (the next reads and defragments then fault it in page by page, ~10x
+        # slower) and never fsyncs it. The copy is on disk before CURRENT names it.
+        with open(os.path.join(path, "data.mdb"), "xb") as handle:
+            self.env.copyfd(handle.fileno(), compact=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_path(path)
         _write_current(self.store_dir, new_generation)
-        old = self.generation
         self.close()
         self._open_env(new_generation)
-        shutil.rmtree(_generation_dir(self.store_dir, old), ignore_errors=True)
+        # Every other generation, not only the one we left: a lagging reader may
+        # have re-created a lock.mdb in an older one while it was being removed.
+        self._remove_stale_generations()
         return new_generation
 
     # -- reads (any process) ----------------------------------------------
@@ -255,7 +327,9 @@ class MvccStore:
         with self._read_txn() as txn:
             reader = self._reader(txn)
             return {
-                "db_size": os.path.getsize(os.path.join(self.env.path(), "data.mdb")),
+                # Not a stat of data.mdb by path: a defragment may have removed
+                # this generation before this reader heard of the new one.
+                "db_size": (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"],
                 "db_size_in_use": pages_in_use(txn, self.dbs),
                 "revision": reader.revision,
                 "raft_applied_index": reader.meta_int(META_APPLIED_INDEX),
@@ -274,6 +348,10 @@ class MvccStore:
     def lease_leases(self) -> dict:
         with self._read_txn() as txn:
             return self._reader(txn).lease_leases()
+
+    def lease_ttls(self) -> list[tuple[int, int]]:
+        with self._read_txn() as txn:
+            return self._reader(txn).lease_ttls()
 
     # -- snapshots --------------------------------------------------------
 
