@@ -115,9 +115,13 @@ class Applier:
             return
         results = self.store.apply(entries)
         term = entries[-1][1]
-        self._send_results(results, term, physical)
         applied_index = self.store.applied_index()
-        self.raft.send(codec.pack([ipc.APPLIED, applied_index, applied_index]))
+        # The raft log hears of lease changes before any client hears of its
+        # grant, so a keep-alive right after a grant finds the lease.
+        lease_changes = _lease_changes(entries, results)
+        report = [ipc.APPLIED, applied_index, applied_index]
+        self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
+        self._send_results(results, term, physical)
         self._broadcast_applied()
 
     def _send_results(self, results: list, term: int, physical: set) -> None:
@@ -134,6 +138,11 @@ class Applier:
                     self.physical_compactions.append((gateway, request_id, body))
                     continue
             by_gateway.setdefault(gateway, []).append([request_id, status, body])
+        lessor_results = by_gateway.pop(ipc.LESSOR_IDENTITY, None)
+        if lessor_results:
+            # The lessor's own revokes of expired leases: nobody waits for them.
+            self.log.debug("lessor revokes applied", count=len(lessor_results),
+                           failed=sum(1 for _, status, _ in lessor_results if status != codec.STATUS_OK))
         for gateway, items in by_gateway.items():
             self._send(gateway, [ipc.RESULTS, items])
 
@@ -149,18 +158,19 @@ class Applier:
 
     def _broadcast_applied(self) -> None:
         message = [ipc.APPLIED, self.store.applied_index(), self.store.revision(), self.store.generation]
-        for gateway in self.gateway_identities:
+        for gateway in self.gateway_identities + [ipc.WATCH_BROADCASTER_IDENTITY]:
             self._send(gateway, message)
 
     # ---- compaction and defragment ------------------------------------------
 
     def compaction_step(self) -> None:
-        if not self.store.compaction_pending():
-            return
-        if self.store.compact_step() and self.physical_compactions:
-            done, self.physical_compactions = self.physical_compactions, []
-            for gateway, request_id, body in done:
-                self._send(gateway, [ipc.RESULTS, [[request_id, codec.STATUS_OK, body]]])
+        if self.store.compaction_pending() and self.store.compact_step():
+            self._answer_physical_compactions()
+
+    def _answer_physical_compactions(self) -> None:
+        done, self.physical_compactions = self.physical_compactions, []
+        for gateway, request_id, body in done:
+            self._send(gateway, [ipc.RESULTS, [[request_id, codec.STATUS_OK, body]]])
 
     def on_gateways(self, batch: list) -> None:
         for parts in batch:
@@ -185,6 +195,7 @@ class Applier:
         try:
             while not self.store.compact_step():
                 pass  # finish a running compaction first: a defragment reclaims its space
+            self._answer_physical_compactions()
             generation = self.store.defragment()
             self.log.info("defragmented", generation=generation)
             self._send(gateway, [ipc.DEFRAGMENT, defrag_id, None])
@@ -195,6 +206,21 @@ class Applier:
     def close(self) -> None:
         self.store.close()
         self.context.destroy(linger=0)
+
+
+def _lease_changes(entries: list, results: list) -> list:
+    """[[lease_id, ttl_s or 0 for gone], ...] from the batch's lease grants and
+    revokes, in apply order (results are one per request, in request order)."""
+    changes = []
+    requests = [request for _index, _term, batch in entries for request in batch]
+    assert len(requests) == len(results), (len(requests), len(results))
+    for (_tag, op, body), (_result_tag, status, response) in zip(requests, results):
+        if op == "lease_grant" and status == codec.STATUS_OK:
+            changes.append([response["ID"], response["TTL"]])
+        elif op == "lease_revoke" and (status == codec.STATUS_OK or response.get("code") == "LeaseNotFound"):
+            # Applied or not found: either way the lease is gone after this entry.
+            changes.append([body["ID"], 0])
+    return changes
 
 
 def _remove_stale_socket(endpoint: str) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import urllib.parse
 
 from actors.compactor import AutoCompactor
@@ -51,6 +52,7 @@ class NodeConfig:
     gateways: int = 0  # 0 = number of cores
     log_level: str = "info"
     seed: int = 0  # the Raft core's RNG seed; 0 = derive from the member id
+    watch_progress_notify_interval_ms: int = 600_000  # etcd's default, 10m
 
     # Derived, not flags.
     def limits(self) -> Limits:
@@ -164,8 +166,30 @@ FLAGS: dict[str, tuple[str, object, str]] = {
     "auto-compaction-retention": ("auto_compaction_retention", str,
                                   "auto compaction retention: hours or a duration (periodic), revisions (revision); 0 disables"),
     "gateways": ("gateways", int, "number of gateway processes (default: number of cores)"),
+    "watch-progress-notify-interval": ("watch_progress_notify_interval_ms", lambda text: parse_duration_ms(text),
+                                       "duration of periodic watch progress notifications (Go duration, default 10m)"),
+    "experimental-watch-progress-notify-interval": ("watch_progress_notify_interval_ms",
+                                                    lambda text: parse_duration_ms(text),
+                                                    "etcd 3.4's name of --watch-progress-notify-interval"),
     "log-level": ("log_level", str, "debug, info, warn or error"),
 }
+
+
+_GO_DURATION_UNITS_MS = {"ns": 1e-6, "us": 1e-3, "\u00b5s": 1e-3, "ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def parse_duration_ms(text: object) -> int:
+    """A Go duration ("100ms", "10s", "1m30s") in whole milliseconds (at least 1)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    spec = str(text).strip()
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|\u00b5s|ms|s|m|h)", spec)
+    if not spec or "".join(number + unit for number, unit in parts) != spec:
+        raise ValueError(f"invalid duration {text!r} (want a Go duration like 100ms, 10s, 10m)")
+    total = sum(float(number) * _GO_DURATION_UNITS_MS[unit] for number, unit in parts)
+    if total <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return max(1, int(total))
 
 
 def _env_value(flag: str, environ: dict[str, str]) -> str | None:

@@ -24,6 +24,7 @@ from actors import ipc
 from actors.compactor import CHECK_INTERVAL_MS, AutoCompactor
 from actors.config import NodeConfig
 from actors.gateway_core import SERVER_VERSION, GatewayCore
+from actors.lessor import min_ttl_s
 from actors.loop import ActorLoop
 from actors.mvcc import MvccStore
 from protocol import codec
@@ -83,7 +84,8 @@ class Gateway:
         self.outbox: dict[bytes, list] = {}
         self.core = GatewayCore(store=self.store, limits=self.limits, member_id=config.member_id(),
                                 cluster_id=config.cluster_id(), gateway_identity=self.identity,
-                                emit=self._emit, rng=random.Random())
+                                emit=self._emit, rng=random.Random(),
+                                min_lease_ttl_s=min_ttl_s(config.election_timeout_ms, config.heartbeat_interval_ms))
         self.core.local_handlers.update(hello=self._hello, snapshot=self._snapshot, defragment=self._defragment)
         self.auto_compactor = AutoCompactor(config.auto_compaction_mode, config.auto_compaction_retention)
         self.snapshots: list[SnapshotStream] = []
@@ -101,6 +103,7 @@ class Gateway:
             ipc.READ_INDEX: lambda m: self.core.on_read_index(m[1], m[2]),
             ipc.READ_INDEX_FAILED: lambda m: self.core.on_read_index_failed(m[1], m[2]),
             ipc.RAFT_STATUS: lambda m: self.core.on_raft_status(m[1], m[2]),
+            ipc.LEASE_REPLY: lambda m: self.core.on_lease_replies(m[1]),
         }
         self.applier_handlers = {
             ipc.RESULTS: lambda m: self.core.on_results(m[1]),
@@ -188,6 +191,11 @@ class Gateway:
             if not batch:
                 break
             self.raft.send(codec.pack([ipc.PROPOSE, batch]))
+        while True:  # bounded: the queue only shrinks here
+            lease_batch = self.core.take_lease_requests()
+            if not lease_batch:
+                break
+            self.raft.send(codec.pack([ipc.LEASE_REQUEST, lease_batch]))
         read_id = self.core.take_read_index_request()
         if read_id is not None:
             self.raft.send(codec.pack([ipc.READ_INDEX, read_id]))
@@ -268,8 +276,15 @@ class Gateway:
                     endpoints.append(_advertised(handle.read().strip(), self.config))
             except FileNotFoundError:
                 continue  # that gateway is (re)starting
-        self._emit(origin, STATUS_OK, {"version": SERVER_VERSION, "member_id": self.core.member_id,
-                                       "cluster_id": self.core.cluster_id, "gateways": endpoints})
+        body = {"version": SERVER_VERSION, "member_id": self.core.member_id,
+                "cluster_id": self.core.cluster_id, "gateways": endpoints}
+        try:
+            # The watch broadcaster's endpoint (absent while it first starts).
+            with open(os.path.join(ipc.run_dir(self.config.data_dir), "watch.endpoint"), encoding="utf-8") as handle:
+                body["watch"] = _advertised(handle.read().strip(), self.config)
+        except FileNotFoundError:
+            pass
+        self._emit(origin, STATUS_OK, body)
 
     def _snapshot(self, origin, _body: dict) -> None:
         identity, request_id = origin

@@ -11,12 +11,15 @@ and sorts it into one of three paths:
   then for the applier to have applied up to that index, then are served
   from the local store;
 - writes are queued as proposals; the actor sends the queue to the raft
-  log as one PROPOSE per pass and the applier's RESULTS complete them.
+  log as one PROPOSE per pass and the applier's RESULTS complete them;
+- lease keep-alives and time-to-live go to the leader's lessor in the raft
+  log (LEASE_REQUEST); its LEASE_REPLY completes them (time-to-live adds
+  the attached keys from the local store).
 
 The core never touches a socket: replies go to `emit(origin, status,
 body)` and work for the raft log and the applier is collected in
 `take_proposals()` / `take_read_index_request()` / `take_raft_status_request()`
-for the actor to send. Every queue is bounded by `Limits`.
+/ `take_lease_requests()` for the actor to send. Every queue is bounded by `Limits`.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ SERVER_VERSION = "3.4.0-quorumkv.0.1"
 
 # Operations the gateway answers without the log: reads of the local store,
 # and node-local maintenance handled by the actor.
-_LOCAL_OPS = {"hello", "status", "hash_kv", "alarm", "defragment", "snapshot",
-              "lease_time_to_live", "lease_leases"}
+_LOCAL_OPS = {"hello", "status", "hash_kv", "alarm", "defragment", "snapshot", "lease_leases"}
+# Operations the leader's lessor answers (remaining TTLs live only there).
+_LESSOR_OPS = {"lease_keep_alive", "lease_time_to_live"}
 
 Emit = Callable[[object, int, dict], None]
 
 
 class GatewayCore:
     def __init__(self, *, store, limits: Limits, member_id: int, cluster_id: int,
-                 gateway_identity: bytes, emit: Emit, rng: random.Random):
+                 gateway_identity: bytes, emit: Emit, rng: random.Random, min_lease_ttl_s: int = 1):
         self.store = store
         self.limits = limits
         self.member_id = member_id
@@ -50,6 +54,7 @@ class GatewayCore:
         self.gateway_identity = gateway_identity
         self.emit = emit
         self.rng = rng
+        self.min_lease_ttl_s = min_lease_ttl_s
         self.raft_term = 0
         self.raft_status: dict = {}
         self.applied_index = store.applied_index()
@@ -69,13 +74,17 @@ class GatewayCore:
         self.next_status_id = 1
         self.status_waiting: list[object] = []
         self.status_in_flight: dict[int, list[object]] = {}
+        # Lease requests for the lessor: not yet sent, and sent (id -> (origin, op, body)).
+        self.next_lease_request_id = 1
+        self.lease_requests_unsent: list[list] = []
+        self.lease_requests_pending: dict[int, tuple] = {}
         # Local handlers for node-local ops the actor implements (snapshot, defragment, hello).
         self.local_handlers: dict[str, Callable[[object, dict], None]] = {}
 
     # ---- intake -------------------------------------------------------
 
     def pending_count(self) -> int:
-        return len(self.pending_writes) + self.reads_held
+        return len(self.pending_writes) + self.reads_held + len(self.lease_requests_pending)
 
     def submit(self, origin: object, op: object, body: object, size_bytes: int = 0) -> None:
         """Take one request; `size_bytes` is its encoded size (for batch bounds)."""
@@ -103,6 +112,8 @@ class GatewayCore:
                 self.reads_held += 1
         elif op == "status":
             self.status_waiting.append(origin)
+        elif op in _LESSOR_OPS:
+            self._queue_lease_request(origin, op, body)
         elif op in self.local_handlers:
             self.local_handlers[op](origin, body)
         elif op in _LOCAL_OPS:
@@ -115,11 +126,21 @@ class GatewayCore:
             # As etcd, the member that receives a grant picks the id, so the
             # log carries it and every member applies the same one.
             body["ID"] = self.rng.randrange(1, 1 << 63)
+        if op == "lease_grant" and body["TTL"] < self.min_lease_ttl_s:
+            # As etcd's lessor, a TTL below the minimum (1.5 election timeouts)
+            # becomes the minimum; decided here so every member applies the same.
+            body["TTL"] = self.min_lease_ttl_s
         request_id = self.next_request_id
         self.next_request_id += 1
         self.pending_writes[request_id] = origin
         self.proposals.append([request_id, op, body])
         self.proposal_sizes.append(size_bytes)
+
+    def _queue_lease_request(self, origin: object, op: str, body: dict) -> None:
+        request_id = self.next_lease_request_id
+        self.next_lease_request_id += 1
+        self.lease_requests_pending[request_id] = (origin, op, body)
+        self.lease_requests_unsent.append([request_id, op, body])
 
     # ---- reads --------------------------------------------------------
 
@@ -166,6 +187,13 @@ class GatewayCore:
         del self.proposal_sizes[:count]
         return batch
 
+    def take_lease_requests(self) -> list[list]:
+        """The next LEASE_REQUEST batch (bounded), or [] if none is queued."""
+        count = self.limits.max_proposal_batch_requests
+        batch = self.lease_requests_unsent[:count]
+        del self.lease_requests_unsent[:count]
+        return batch
+
     def take_read_index_request(self) -> int | None:
         """A read id to send as READ_INDEX when reads are waiting for one."""
         if not self.reads_unrequested:
@@ -198,6 +226,23 @@ class GatewayCore:
             origin = self.pending_writes.pop(request_id, None)
             if origin is not None:
                 self.emit(origin, status, body)
+
+    def on_lease_replies(self, replies: list) -> None:
+        for request_id, status, body in replies:
+            pending = self.lease_requests_pending.pop(request_id, None)
+            if pending is None:
+                continue
+            origin, op, request = pending
+            if status != STATUS_OK:
+                self.emit(origin, status, body)
+                continue
+            response = {"header": self.header(self.store.revision()), "ID": body["ID"], "TTL": body["TTL"]}
+            if op == "lease_time_to_live":
+                response["grantedTTL"] = body["grantedTTL"]
+                response["keys"] = []
+                if request["keys"] and body["TTL"] != -1:
+                    response["keys"] = self.store.lease_time_to_live(request)["keys"]
+            self.emit(origin, STATUS_OK, response)
 
     def on_read_index(self, read_id: int, index: int) -> None:
         reads = self.reads_in_round.pop(read_id, None)
@@ -258,6 +303,10 @@ class GatewayCore:
         for origin in list(self.pending_writes.values()):
             self.fail(origin, error)
         self.pending_writes.clear()
+        for origin, _op, _body in self.lease_requests_pending.values():
+            self.fail(origin, error)
+        self.lease_requests_pending.clear()
+        self.lease_requests_unsent.clear()
         self.proposals.clear()
         self.proposal_sizes.clear()
         for origin, _op, _body in self.reads_unrequested:

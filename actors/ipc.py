@@ -8,7 +8,9 @@ node's run directory):
                 Gateways (identity b"gateway-<i>") and the applier (b"applier")
                 connect DEALERs.
   applier.sock  ROUTER bound by the applier. Gateways connect DEALERs
-                (identity b"gateway-<i>") and say HELLO so the applier knows them.
+                (identity b"gateway-<i>") and say HELLO so the applier knows them;
+                so does the watch broadcaster (identity b"watch_broadcaster"),
+                which hears only APPLIED.
 
 gateway -> raft log
   [PROPOSE, [[gw_request_id, op, body], ...]]
@@ -17,22 +19,39 @@ gateway -> raft log
       Ask for an index such that serving a read once the applier has
       applied up to it is linearizable.
   [RAFT_STATUS, status_id]
+  [LEASE_REQUEST, [[lease_request_id, op, body], ...]]
+      Lease operations the leader's lessor answers without the log:
+      op "lease_keep_alive" {"ID"} and "lease_time_to_live" {"ID", "keys"}
+      (bodies validated). A leader whose lessor is not promoted yet (the
+      applier is still applying earlier terms) holds them until it is.
 raft log -> gateway
   [PROPOSE_FAILED, [gw_request_id, ...], error_code]  (e.g. "NoLeader")
   [READ_INDEX, read_id, index]
   [READ_INDEX_FAILED, read_id, error_code]
   [RAFT_STATUS, status_id, {"term", "leader", "commit_index", "last_index",
                             "member_id", "cluster_id", "snapshot_index"}]
+  [LEASE_REPLY, [[lease_request_id, status, body], ...]]   (status as protocol.codec)
+      keep-alive: {"ID", "TTL"}: the granted TTL, 0 if the lease is unknown
+      or expired; time-to-live: {"ID", "TTL", "grantedTTL"}: remaining whole
+      seconds (truncated, as etcd), TTL -1 and grantedTTL 0 if unknown.
+      Errors: NotLeader / NoLeader on a member that is not the leader.
 
 applier -> raft log
   [SUBSCRIBE, applied_index]    (at start: send me committed entries after this)
   [APPLIED, applied_index, durable_index]
+  [APPLIED, applied_index, durable_index, lease_changes]
       Acknowledges delivered entries (flow control) and says how far the
       store is durable, so the raft log may truncate its WAL below it.
+      lease_changes (only when the batch had any): [[lease_id, ttl_s], ...]
+      in apply order, ttl_s the granted TTL of an applied lease_grant, 0 for
+      a lease_revoke (applied, or the lease was already gone). The leader's
+      lessor follows the store with them.
 raft log -> applier
   [ENTRIES, [[index, term, entry_type, data], ...]]
       Committed entries in order, with no gaps. For ENTRY_NORMAL, data is
       msgpack [gateway_identity, [[gw_request_id, op, body], ...]].
+      The leader's lessor proposes the revokes of expired leases itself, as
+      entries from gateway_identity b"lessor": their results go nowhere.
       An ENTRY_EMPTY (a new leader's no-op) has data b"".
 
 gateway -> applier
@@ -63,12 +82,18 @@ ENTRIES = "entries"
 HELLO = "hello"
 DEFRAGMENT = "defragment"
 RESULTS = "results"
+LEASE_REQUEST = "lease_request"
+LEASE_REPLY = "lease_reply"
 
 ENTRY_NORMAL = 0
 ENTRY_EMPTY = 1
 ENTRY_CONF_CHANGE = 2
 
 APPLIER_IDENTITY = b"applier"
+WATCH_BROADCASTER_IDENTITY = b"watch_broadcaster"
+# The gateway identity of the lessor's own proposals (revokes of expired
+# leases); no gateway has it, so the applier drops their results.
+LESSOR_IDENTITY = b"lessor"
 
 # Unix socket paths are limited to 107 bytes; a deep data dir gets its
 # sockets in a short directory under the system temp dir instead.

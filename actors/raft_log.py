@@ -20,6 +20,16 @@ index; APPLIED acks free the window and report the durable index, from which
 snapshot markers are written and whole WAL segments released.
 
 One PROPOSE = one entry whose data is msgpack [gateway_identity, items].
+
+Leases: the actor owns the node's lessor (actors.lessor), because it is the
+one actor that knows leadership. On becoming leader it promotes the lessor
+once the applier has applied the new term's first entry (so the store holds
+every lease of earlier terms), loading the leases from the store (read-only)
+with their TTLs extended; on losing leadership it demotes it. The applier's
+APPLIED reports carry the lease grants and revokes it applied. Every
+LEASE_CHECK_MS the actor proposes revokes for expired leases (an entry from
+identity b"lessor", a bounded number per pass). LEASE_REQUESTs (keep-alive,
+time-to-live) are answered from the lessor.
 """
 
 from __future__ import annotations
@@ -27,20 +37,30 @@ from __future__ import annotations
 import collections
 import os
 import random
+import time
 
 import ormsgpack
 import zmq
 
 from actors import ipc
 from actors.config import NodeConfig, member_id_for
+from actors.lessor import Lessor, seconds_truncated
 from actors.loop import ActorLoop
 from actors.raft import (
-    ConfState, Config, Entry, HardState, MemoryStorage, ProposalDropped, RawNode, ReadIndexDropped, SnapshotMeta,
+    ROLE_LEADER, ConfState, Config, Entry, HardState, MemoryStorage, ProposalDropped, RawNode, ReadIndexDropped,
+    SnapshotMeta,
 )
 from actors.wal import Wal
+from protocol import codec
+from protocol.errors import QuorumError
 
 # Ready cycles per pass: one that persists, one that commits what it persisted.
 _READY_CYCLES_PER_PASS = 3
+# How often the lessor looks for expired leases (etcd: every 500 ms).
+LEASE_CHECK_MS = 100
+_LEASE_OPS = ("lease_keep_alive", "lease_time_to_live")
+# The store (read for leases now and then) is closed after this long unused.
+STORE_IDLE_CLOSE_MS = 1000
 
 
 class MalformedMessage(ValueError):
@@ -66,7 +86,8 @@ def build_node(config: NodeConfig, wal_recovery, rng: random.Random) -> tuple[Ra
 
 
 class RaftLogActor:
-    def __init__(self, config: NodeConfig, log, socket: zmq.Socket, wal: Wal, node: RawNode, storage: MemoryStorage):
+    def __init__(self, config: NodeConfig, log, socket: zmq.Socket, wal: Wal, node: RawNode, storage: MemoryStorage,
+                 clock_ms=lambda: time.monotonic() * 1000):
         self.config = config
         self.limits = config.limits()
         self.log = log
@@ -82,6 +103,7 @@ class RaftLogActor:
             ipc.RAFT_STATUS: self.on_raft_status,
             ipc.SUBSCRIBE: self.on_subscribe,
             ipc.APPLIED: self.on_applied,
+            ipc.LEASE_REQUEST: self.on_lease_request,
         }
         # Applier delivery state.
         self.subscribed = False
@@ -91,6 +113,20 @@ class RaftLogActor:
         self.fsync_count = 0
         self.bytes_since_snapshot = 0
         self.peer_messages_dropped = 0
+        # Leases. The lessor is promoted once the applier reaches
+        # promote_at_index (set when this node becomes leader); lease requests
+        # that arrive before are held. The store is opened read-only on demand.
+        self.clock_ms = clock_ms
+        self.lessor = Lessor(extend_ms=config.election_timeout_ms,
+                             revoke_retry_ms=max(1000, 2 * config.election_timeout_ms))
+        self.is_leader = False
+        self.promote_at_index: int | None = None
+        self.held_lease_requests: list[tuple[bytes, list]] = []
+        self.deferred_lease_requests: list[tuple[bytes, list]] = []
+        self.lease_reconciled_index = -1
+        self.next_lessor_request_id = 1
+        self.store = None
+        self.store_used_ms = 0.0
 
     # ---- inputs ---------------------------------------------------------------
 
@@ -109,6 +145,11 @@ class RaftLogActor:
                 handler(identity, message, payload)
             except (MalformedMessage, ormsgpack.MsgpackDecodeError, ValueError, TypeError, IndexError) as exc:
                 self.log.warning("malformed message dropped", error=str(exc)[:200])
+        # Lease requests last: an APPLIED reporting a grant that arrived in the
+        # same batch (the socket fair-queues between peers) is taken in first.
+        deferred, self.deferred_lease_requests = self.deferred_lease_requests, []
+        for identity, items in deferred:
+            self.take_lease_requests(identity, items)
         self.process_ready()
 
     def on_tick(self) -> None:
@@ -171,11 +212,16 @@ class RaftLogActor:
         self.unacknowledged_batches.clear()
         self.durable_index = max(self.durable_index, min(applied, self.wal.last_index))
         self.log.info("applier subscribed", applied_index=applied, commit_index=self.node.durable_commit_index())
+        self.maybe_promote_lessor(applied)
+        self.reconcile_lessor(applied)
 
     def on_applied(self, identity: bytes, message: list, _payload: bytes) -> None:
-        if len(message) != 3 or type(message[1]) is not int or type(message[2]) is not int:
-            raise MalformedMessage("APPLIED wants [applied, applied_index, durable_index]")
+        if len(message) not in (3, 4) or type(message[1]) is not int or type(message[2]) is not int:
+            raise MalformedMessage("APPLIED wants [applied, applied_index, durable_index(, lease_changes)]")
         applied, durable = message[1], message[2]
+        if len(message) == 4:
+            self.apply_lease_changes(message[3])
+        self.maybe_promote_lessor(applied)
         while self.unacknowledged_batches and self.unacknowledged_batches[0] <= applied:  # bounded by the window
             self.unacknowledged_batches.popleft()
         if durable > self.durable_index:
@@ -199,6 +245,7 @@ class RaftLogActor:
             if ready.soft_state is not None:
                 self.log.info("raft role changed", role=ready.soft_state.role, leader=ready.soft_state.lead,
                               term=node.raft.term)
+                self.on_role_changed(ready.soft_state.role == ROLE_LEADER)
             if ready.entries:
                 self.wal.append_entries(ready.entries)
                 self.bytes_since_snapshot += sum(len(entry.data) for entry in ready.entries)
@@ -246,6 +293,174 @@ class RaftLogActor:
                 return
             self.unacknowledged_batches.append(entries[-1].index)
             self.next_delivery_index = entries[-1].index + 1
+
+    # ---- leases -----------------------------------------------------------------
+
+    def on_role_changed(self, is_leader: bool) -> None:
+        if is_leader == self.is_leader:
+            return
+        self.is_leader = is_leader
+        if is_leader:
+            # The new term's first entry (the no-op) is the last one by now:
+            # once it is applied, so is every lease change of earlier terms.
+            self.promote_at_index = self.node.raft.log.last_index()
+            return
+        self.promote_at_index = None
+        if self.lessor.primary:
+            self.lessor.demote()
+            self.log.info("lessor demoted")
+        held, self.held_lease_requests = self.held_lease_requests, []
+        for identity, items in held:
+            self.answer_lease_requests(identity, items)
+
+    def maybe_promote_lessor(self, applied_index: int) -> None:
+        if self.promote_at_index is None or applied_index < self.promote_at_index:
+            return
+        leases = self.stored_leases()
+        if leases is None:
+            return  # tried again at the next APPLIED or SUBSCRIBE
+        self.promote_at_index = None
+        self.lessor.promote(self.clock_ms(), leases)
+        self.lease_reconciled_index = applied_index
+        self.log.info("lessor promoted", leases=len(leases), extend_ms=self.lessor.extend_ms)
+        held, self.held_lease_requests = self.held_lease_requests, []
+        for identity, items in held:
+            self.answer_lease_requests(identity, items)
+
+    def reconcile_lessor(self, applied_index: int) -> None:
+        """After a SUBSCRIBE (the applier may have restarted and lost a report),
+        match the lessor with the store. Skipped when nothing was applied since
+        the last match (an idle applier resubscribes every second)."""
+        if not self.lessor.primary or applied_index == self.lease_reconciled_index:
+            return
+        leases = self.stored_leases()
+        if leases is None:
+            return
+        self.lease_reconciled_index = applied_index
+        added, dropped = self.lessor.reconcile(self.clock_ms(), leases)
+        if added or dropped:
+            self.log.warning("lessor matched to the store", added=added, dropped=dropped)
+
+    def stored_leases(self) -> list[tuple[int, int]] | None:
+        """The store's leases [(id, TTL)], [] if there is no store yet, None if
+        it cannot be read now (logged; tried again at the next chance)."""
+        return self.read_store(lambda store: store.lease_ttls(), [])
+
+    def read_store(self, read, if_no_store):
+        """read(store) on the node's store, opened read-only on first use and
+        reopened after a defragment; if_no_store when the applier has not
+        created it yet; None (logged) when it cannot be read."""
+        from actors.gateway import open_store  # the gateway module is heavy; only the leader needs it
+
+        try:
+            if self.store is None:
+                self.store = open_store(self.config)
+            else:
+                self.store.reopen_if_stale()
+            self.store_used_ms = self.clock_ms()
+            return read(self.store)
+        except FileNotFoundError:
+            return if_no_store
+        except Exception as exc:  # an LMDB error must not kill the log; say it loudly
+            self.log.error("lessor cannot read the store", error=str(exc)[:200])
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+            return None
+
+    def adopt_stored_lease(self, lease_id: int, now_ms: float) -> None:
+        """A lease the lessor does not know but the store has was granted and
+        its report is still on the way: take it in now (the store is the truth
+        on which leases exist), so a keep-alive right after a grant finds it."""
+        if lease_id <= 0:
+            return
+        stored = self.read_store(lambda store: store.lease_time_to_live({"ID": lease_id, "keys": False}), None)
+        if stored is not None and stored["TTL"] > 0:
+            self.lessor.grant(lease_id, stored["TTL"], now_ms)
+
+    def apply_lease_changes(self, changes: object) -> None:
+        if not isinstance(changes, list):
+            raise MalformedMessage("APPLIED lease_changes must be a list")
+        now_ms = self.clock_ms()
+        for change in changes:
+            if type(change) is not list or len(change) != 2 or type(change[0]) is not int or type(change[1]) is not int:
+                raise MalformedMessage("a lease change is [lease_id, ttl_s]")
+            lease_id, ttl_s = change
+            if ttl_s > 0:
+                self.lessor.grant(lease_id, ttl_s, now_ms)
+            else:
+                self.lessor.revoke(lease_id)
+
+    def on_lease_request(self, identity: bytes, message: list, _payload: bytes) -> None:
+        if len(message) != 2 or type(message[1]) is not list:
+            raise MalformedMessage("LEASE_REQUEST wants [lease_request, [[id, op, body], ...]]")
+        items = message[1]
+        for item in items:
+            if (type(item) is not list or len(item) != 3 or item[1] not in _LEASE_OPS
+                    or type(item[2]) is not dict or type(item[2].get("ID")) is not int):
+                raise MalformedMessage("a lease request is [id, op, {\"ID\": int, ...}]")
+        self.deferred_lease_requests.append((identity, items))
+
+    def take_lease_requests(self, identity: bytes, items: list) -> None:
+        if self.is_leader and not self.lessor.primary:
+            held = sum(len(batch) for _, batch in self.held_lease_requests)
+            if held + len(items) <= self.limits.max_held_lease_requests:
+                self.held_lease_requests.append((identity, items))
+                return
+            self.reply(identity, [ipc.LEASE_REPLY, [[item[0], codec.STATUS_ERROR,
+                                                      QuorumError("TooManyRequests").to_wire()] for item in items]])
+            return
+        self.answer_lease_requests(identity, items)
+
+    def answer_lease_requests(self, identity: bytes, items: list) -> None:
+        if not self.lessor.primary:
+            code = "NotLeader" if self.node.raft.lead else "NoLeader"
+            error = QuorumError(code).to_wire()
+            self.reply(identity, [ipc.LEASE_REPLY, [[item[0], codec.STATUS_ERROR, error] for item in items]])
+            return
+        now_ms = self.clock_ms()
+        replies = []
+        for request_id, op, body in items:
+            lease_id = body["ID"]
+            if lease_id not in self.lessor:
+                self.adopt_stored_lease(lease_id, now_ms)
+            if op == "lease_keep_alive":
+                ttl_s = self.lessor.renew(lease_id, now_ms)
+                replies.append([request_id, codec.STATUS_OK, {"ID": lease_id, "TTL": ttl_s or 0}])
+            else:
+                remaining_ms = self.lessor.remaining_ms(lease_id, now_ms)
+                if remaining_ms is None:
+                    response = {"ID": lease_id, "TTL": -1, "grantedTTL": 0}
+                else:
+                    response = {"ID": lease_id, "TTL": seconds_truncated(remaining_ms),
+                                "grantedTTL": self.lessor.granted_ttl_s(lease_id)}
+                replies.append([request_id, codec.STATUS_OK, response])
+        self.reply(identity, [ipc.LEASE_REPLY, replies])
+
+    def on_lease_tick(self) -> None:
+        """Propose the revokes of expired leases: one entry, a bounded count."""
+        if self.store is not None and self.clock_ms() - self.store_used_ms > STORE_IDLE_CLOSE_MS:
+            # Do not hold a generation a defragment has since removed (its disk space).
+            self.store.close()
+            self.store = None
+        if not self.lessor.primary:
+            return
+        expired = self.lessor.expired(self.clock_ms(), self.limits.max_lease_revokes_per_pass)
+        if not expired:
+            return
+        items = []
+        for lease_id in expired:
+            items.append([self.next_lessor_request_id, "lease_revoke", {"ID": lease_id}])
+            self.next_lessor_request_id += 1
+        try:
+            self.node.propose(ormsgpack.packb([ipc.LESSOR_IDENTITY, items]))
+        except ProposalDropped:
+            # Leadership is going; the new leader's lessor takes over (and the
+            # retry time brings these back if we stay leader).
+            self.log.info("revokes of expired leases dropped", leases=len(expired))
+            return
+        self.log.info("revoking expired leases", leases=len(expired))
+        self.process_ready()
 
     def maybe_snapshot(self) -> None:
         """Write a snapshot marker at the durable index every snapshot_count
@@ -308,16 +523,20 @@ def run(config: NodeConfig, index: int, log) -> None:
     context = zmq.Context()
     socket = bind_socket(context, config)
     actor = RaftLogActor(config, log, socket, wal, node, storage)
-    assert set(actor.handlers) == {ipc.PROPOSE, ipc.READ_INDEX, ipc.RAFT_STATUS, ipc.SUBSCRIBE, ipc.APPLIED}
+    assert set(actor.handlers) == {ipc.PROPOSE, ipc.READ_INDEX, ipc.RAFT_STATUS, ipc.SUBSCRIBE, ipc.APPLIED,
+                                   ipc.LEASE_REQUEST}
     loop = ActorLoop(log, limits.max_messages_per_poll, parent_pid=os.getppid())
     loop.add_socket(socket, actor.on_batch, multipart=True)
     loop.add_timer(config.heartbeat_interval_ms, actor.on_tick)
+    loop.add_timer(LEASE_CHECK_MS, actor.on_lease_tick)
     actor.process_ready()
     try:
         reason = loop.run()
         log.info("raft log stopping", reason=reason, wal_fsyncs=actor.fsync_count,
                  last_index=node.raft.log.last_index(), commit_index=node.raft.log.committed)
     finally:
+        if actor.store is not None:
+            actor.store.close()
         wal.close()
         socket.close(0)
         context.term()

@@ -2,7 +2,7 @@
 
 With no flags it serves on etcd's defaults with its data in ./default.qkv;
 see actors/config.py for the flags, config file and environment variables.
-`--role raft_log|applier|gateway [--index I]` runs a single actor in the
+`--role raft_log|applier|gateway|watch_broadcaster [--index I]` runs a single actor in the
 foreground, which is how the supervisor, supervisord and systemd start them.
 """
 
@@ -22,6 +22,7 @@ ROLES = {
     "raft_log": "actors.raft_log",
     "applier": "actors.applier",
     "gateway": "actors.gateway",
+    "watch_broadcaster": "actors.watch_broadcaster",
 }
 
 

@@ -46,7 +46,7 @@ class Child:
 def node_roles(config: NodeConfig) -> list[tuple[str, int]]:
     roles = [("raft_log", 0), ("applier", 0)]
     roles += [("gateway", i) for i in range(config.gateway_count())]
-    # The watch broadcaster joins this list with the watch issue.
+    roles.append(("watch_broadcaster", 0))
     return roles
 
 

@@ -15,7 +15,7 @@ frame-level error from the server (request id nil) raises its QuorumError.
 At most `max_in_flight` requests are queued or unanswered: `submit()` waits
 for answers beyond that (back-pressure, not an unbounded queue).
 
-Retries: a read (range, status, hash_kv, hello, alarm GET, lease reads) is
+Retries: a read (range, status, hash_kv, hello, alarm GET, lease reads and keep-alives) is
 resent once more by default when it times out or fails with a code marked
 `safe_to_retry`. A write is never resent: its timeout or error is raised,
 since the write may or may not have been applied.
@@ -394,7 +394,9 @@ def is_retryable_read(op: str, body: dict) -> bool:
     return op in _READ_OPS
 
 
-_READ_OPS = frozenset({"hello", "range", "status", "hash_kv", "lease_time_to_live", "lease_leases"})
+# lease_keep_alive is safe to resend too: a renewal twice is a renewal.
+_READ_OPS = frozenset({"hello", "range", "status", "hash_kv", "lease_time_to_live", "lease_leases",
+                       "lease_keep_alive"})
 
 _WAITING, _DONE = 0, 1
 
@@ -784,5 +786,6 @@ class Client:
         return self.request("lease_leases", {})
 
     def lease_keep_alive_once(self, lease_id: int) -> dict:
-        """Renew a lease once (op "lease_keep_alive"; needs server support)."""
+        """Renew a lease once: {"header", "ID", "TTL"}, TTL the granted TTL, 0 if the
+        lease is not found (as etcd's wire; protocol.lease.keep_alive_once raises instead)."""
         return self.request("lease_keep_alive", {"ID": lease_id})

@@ -55,6 +55,20 @@ class Limits:
     # Compaction deletes at most this many revisions per LMDB transaction so
     # the applier keeps serving writes while a large compaction runs.
     compaction_batch_revisions: int = 10_000
+    # Watch: revisions read from the store per fan-out or catch-up step, bytes
+    # of events per watch response (etcd fragments at its request size),
+    # watch streams per node and watches per stream, and the frames ZeroMQ
+    # queues per watch client before that client counts as slow.
+    watch_chunk_revisions: int = 256
+    watch_response_bytes: int = int(1.5 * MIB)
+    max_watch_streams: int = 10_000
+    max_watches_per_stream: int = 100_000
+    watch_client_high_water_mark: int = 1000
+    # Leases: the leader's lessor revokes at most this many expired leases per
+    # pass (one pass per 100 ms: etcd's rate of 1000 per second), and holds at
+    # most this many keep-alive / time-to-live requests while it is promoted.
+    max_lease_revokes_per_pass: int = 100
+    max_held_lease_requests: int = 65536
     # LMDB: the map is reserved address space, not disk; it must exceed the quota.
     default_quota_backend_bytes: int = 2 * 1024 * MIB
     max_quota_backend_bytes: int = 8 * 1024 * MIB

@@ -74,7 +74,22 @@ SCHEMAS: dict[str, dict[str, tuple[type, object]]] = {
     "lease_grant": {"TTL": (_INT, 0), "ID": (_INT, 0)},
     "lease_revoke": {"ID": (_INT, 0)},
     "lease_time_to_live": {"ID": (_INT, 0), "keys": (_BOOL, False)},
+    "lease_keep_alive": {"ID": (_INT, 0)},
     "lease_leases": {},
+    # Watch streams, served by the watch broadcaster's endpoint (hello's "watch").
+    "watch_create": {
+        "key": (_BYTES, b""),
+        "range_end": (_BYTES, b""),
+        "start_revision": (_INT, 0),
+        "progress_notify": (_BOOL, False),
+        "filters": (_LIST, []),
+        "prev_kv": (_BOOL, False),
+        "watch_id": (_INT, 0),
+        "fragment": (_BOOL, False),
+    },
+    "watch_cancel": {"watch_id": (_INT, 0)},
+    "watch_progress": {},
+    "watch_ping": {},
 }
 
 COMPARE_SCHEMA: dict[str, tuple[type, object]] = {
@@ -259,9 +274,22 @@ def validate_body(op: str, body: object, limits: Limits) -> dict:
         _check_enum("alarm", "alarm", normalised["alarm"], range(0, 3))
     elif op == "compaction" and normalised["revision"] < 0:
         raise invalid("compaction: revision must not be negative")
+    elif op == "watch_create":
+        _validate_watch_create(normalised)
     elif op == "lease_grant" and normalised["ID"] < 0:
         raise invalid("lease_grant: ID must not be negative")
     return normalised
+
+
+def _validate_watch_create(body: dict) -> None:
+    if not body["key"]:
+        raise QuorumError("EmptyKey")
+    if body["start_revision"] < 0:
+        raise invalid("watch_create: start_revision must not be negative")
+    if body["watch_id"] < 0:
+        raise invalid("watch_create: watch_id must not be negative (0 = let the server pick)")
+    if len(body["filters"]) > 2 or any(type(f) is not int or f not in (0, 1) for f in body["filters"]):
+        raise invalid("watch_create: filters are 0 NOPUT and 1 NODELETE")
 
 
 def validate_request(op: object, body: object, limits: Limits) -> dict:

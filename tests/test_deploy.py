@@ -244,7 +244,7 @@ def test_supervisord_runs_restarts_and_stops_a_node(tmp_path):
     supervisord = Supervisord(tmp_path)
     try:
         supervisord.start()
-        expected = {"raft_log", "applier", *(f"gateway-{i}" for i in range(GATEWAYS))}
+        expected = {"raft_log", "applier", "watch_broadcaster", *(f"gateway-{i}" for i in range(GATEWAYS))}
         supervisord.wait_until("every actor RUNNING", lambda: all(
             info["statename"] == "RUNNING" for info in supervisord.processes().values())
             and set(supervisord.processes()) == expected)

@@ -139,3 +139,34 @@ def test_pending_count_follows_reads_through_every_stage():
     core.submit("c", "range", {"key": b"c"})
     core.on_read_index_failed(core.take_read_index_request(), "NoLeader")
     assert core.pending_count() == 1
+
+
+def test_lease_grant_below_the_minimum_ttl_is_raised_before_it_is_proposed():
+    core, _store, _replies = make_core()
+    core.min_lease_ttl_s = 2
+    core.submit("g", "lease_grant", {"TTL": 1})
+    core.submit("h", "lease_grant", {"TTL": 30})
+    assert [body["TTL"] for _id, _op, body in core.take_proposals()] == [2, 30]
+
+
+def test_lease_keep_alive_and_time_to_live_go_to_the_lessor():
+    core, store, replies = make_core()
+    store.lease_time_to_live = lambda body: {"header": {"revision": 1}, "keys": [b"k"]}
+    core.submit("ka", "lease_keep_alive", {"ID": 5})
+    core.submit("ttl", "lease_time_to_live", {"ID": 5, "keys": True})
+    core.submit("gone", "lease_time_to_live", {"ID": 6, "keys": True})
+    assert replies == [] and core.pending_count() == 3
+    (ka_id, _, _), (ttl_id, _, _), (gone_id, _, _) = core.take_lease_requests()
+    assert core.take_lease_requests() == []
+    core.on_lease_replies([[ka_id, STATUS_OK, {"ID": 5, "TTL": 10}],
+                           [ttl_id, STATUS_OK, {"ID": 5, "TTL": 9, "grantedTTL": 10}],
+                           [gone_id, STATUS_OK, {"ID": 6, "TTL": -1, "grantedTTL": 0}]])
+    answers = {origin: body for origin, status, body in replies if status == STATUS_OK}
+    assert {k: v for k, v in answers["ka"].items() if k != "header"} == {"ID": 5, "TTL": 10}
+    assert answers["ttl"]["keys"] == [b"k"] and answers["ttl"]["TTL"] == 9 and answers["ttl"]["grantedTTL"] == 10
+    assert answers["gone"]["keys"] == [] and answers["gone"]["TTL"] == -1
+    assert core.pending_count() == 0
+    core.submit("nl", "lease_keep_alive", {"ID": 5})
+    (nl_id, _, _), = core.take_lease_requests()
+    core.on_lease_replies([[nl_id, STATUS_ERROR, {"code": "NoLeader", "message": "etcdserver: no leader"}]])
+    assert replies[-1] == ("nl", STATUS_ERROR, {"code": "NoLeader", "message": "etcdserver: no leader"})

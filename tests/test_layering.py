@@ -19,6 +19,8 @@ PURE_MODULES = [
     "protocol/limits.py",
     "protocol/errors.py",
     "actors/mvcc/core.py",
+    "actors/lessor.py",
+    "actors/watch/core.py",
     *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "actors/raft/*.py"))),
 ]
 

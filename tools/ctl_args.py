@@ -294,12 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
     keep_alive = _leaf(lease, "keep-alive", "lease keep-alive", "Keeps leases alive (renew)")
     keep_alive.add_argument("args", nargs="*")
     keep_alive.add_argument("--once", action="store_true", help="Resets the keep-alive time to its original value and exits immediately")
+
+    lock = _leaf(commands, "lock", "lock", "Acquires a named lock")
+    lock.add_argument("args", nargs="*", help="<lockname> [exec-command arg1 arg2 ...] (a command after --)")
+    lock.add_argument("--ttl", type=int, default=10, help="timeout for session")
+    elect = _leaf(commands, "elect", "elect", "Observes and participates in leader election")
+    elect.add_argument("args", nargs="*", help="<election-name> [proposal]")
+    elect.add_argument("-l", "--listen", action="store_true", help="observation mode")
+
+    from tools.ctl_watch import add_watch_options  # here: ctl_watch imports this module
+    add_watch_options(_leaf(commands, "watch", "watch", "Watches events stream on keys or prefixes"))
     return parser
+
+
+def _parse_with_separator(parser: argparse.ArgumentParser, argv: list[str]):
+    """As pflag: words after "--" are positional, even after flags (`watch k --rev 3 -- cmd -x`)."""
+    if "--" not in argv:
+        return parser.parse_args(argv)
+    split = argv.index("--")
+    options = parser.parse_args(argv[:split])
+    if not hasattr(options, "args"):
+        return parser.parse_args(argv)  # this command takes no arguments: argparse's own error
+    options.args = list(options.args or []) + argv[split + 1:]
+    return options
 
 
 def parse_args(argv: list[str]):
     parser = build_parser()
-    options = parser.parse_args(argv)
+    options = _parse_with_separator(parser, list(argv))
+    options.argv = list(argv)  # the raw words: `watch KEY -- COMMAND` needs to see the "--"
     if getattr(options, "command", None) is None:
         group = getattr(options, "group", None)
         if group is None:

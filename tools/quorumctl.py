@@ -26,6 +26,8 @@ from tools.ctl_args import (
     CtlError, delete_request, get_request, go_parse_int, parse_args, put_request,
 )
 from tools.ctl_txn import read_txn
+from tools.ctl_recipes import cmd_elect, cmd_lock
+from tools.ctl_watch import cmd_watch
 
 VERSION = "3.4.0"
 API_VERSION = "3.4"
@@ -375,6 +377,8 @@ def cmd_lease_list(ctx: Context) -> int:
 
 
 def cmd_lease_keep_alive(ctx: Context) -> int:
+    from protocol.lease import KeepAlive
+
     lease_id = _lease_id_arg(ctx, "lease keep-alive command needs lease ID as argument", "bad lease ID arg")
     client = ctx.client()
     if ctx.options.once:
@@ -382,18 +386,18 @@ def cmd_lease_keep_alive(ctx: Context) -> int:
             response = client.lease_keep_alive_once(lease_id)
         except QuorumError as error:
             raise CtlError(EXIT_BAD_CONNECTION, _error_text(error)) from None
+        if response.get("TTL", 0) <= 0:  # clientv3's KeepAliveOnce turns TTL 0 into an error
+            raise CtlError(EXIT_BAD_CONNECTION, QuorumError("LeaseNotFound").message)
         ctx.emit("lease_keep_alive", response)
         return 0
-    # Renew at a third of the TTL, as clientv3 does, until the lease is gone.
-    while True:
-        try:
-            response = client.lease_keep_alive_once(lease_id)
-        except QuorumError:
-            response = {"TTL": 0}
-        if response.get("TTL", 0) <= 0:
-            break
-        ctx.emit("lease_keep_alive", response)
-        time.sleep(max(response["TTL"] / 3.0, 0.5))
+    # As etcdctl: renew at once, then at a third of the TTL, printing every
+    # answer, until the lease is gone or could have expired unrenewed.
+    keep_alive = KeepAlive(client, lease_id, on_renewed=lambda response: ctx.emit("lease_keep_alive", response))
+    try:
+        while not keep_alive.wait_lost(0.5):  # until lost or interrupted
+            pass
+    finally:
+        keep_alive.stop()
     if ctx.options.write_out == "simple":
         ctx.write(f"lease {lease_id:016x} expired or revoked.\n")
     return 0
@@ -420,6 +424,9 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "lease timetolive": cmd_lease_timetolive,
     "lease list": cmd_lease_list,
     "lease keep-alive": cmd_lease_keep_alive,
+    "lock": cmd_lock,
+    "elect": cmd_elect,
+    "watch": cmd_watch,
 }
 
 

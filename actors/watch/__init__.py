@@ -1,0 +1,1 @@
+"""The watch registry (pure core) of the watch broadcaster; see core.py."""
