@@ -20,7 +20,7 @@ import urllib.parse
 
 import zmq
 
-from actors import ipc
+from actors import ipc, sockets
 from actors.compactor import CHECK_INTERVAL_MS, AutoCompactor
 from actors.config import NodeConfig
 from actors.gateway_core import SERVER_VERSION, GatewayCore
@@ -122,42 +122,14 @@ class Gateway:
         socket.connect(endpoint)
         return socket
 
-    def _endpoint_file(self) -> str:
-        return os.path.join(ipc.run_dir(self.config.data_dir), f"gateway-{self.index}.endpoint")
-
     def _bind_client_socket(self) -> zmq.Socket:
-        socket = self.context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        socket.setsockopt(zmq.SNDHWM, self.limits.socket_high_water_mark)
-        socket.setsockopt(zmq.RCVHWM, self.limits.socket_high_water_mark)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-        socket.setsockopt(zmq.LINGER, 0)
+        socket = sockets.client_router(self.context, self.limits, self.limits.socket_high_water_mark)
         host, port = self.config.zmq_url()
-        if self.index == 0:
-            socket.bind(f"tcp://{host}:{port}")
-        else:
-            socket.bind(self._previous_or_new_endpoint(socket, host))
-        endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        path = self._endpoint_file()
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(endpoint)
-        os.replace(path + ".tmp", path)
+        # Gateway 0 serves the node's ZeroMQ port; the others a port of their own.
+        endpoint = sockets.bind_announced(socket, host, ipc.gateway_endpoint_file(self.config.data_dir, self.index),
+                                          port if self.index == 0 else None)
         self.log.info("gateway listening", endpoint=endpoint)
         return socket
-
-    def _previous_or_new_endpoint(self, socket: zmq.Socket, host: str) -> str:
-        # A restarted gateway takes its old port back so clients reconnect to it.
-        try:
-            with open(self._endpoint_file(), encoding="utf-8") as handle:
-                previous = handle.read().strip()
-            probe = self.context.socket(zmq.ROUTER)
-            try:
-                probe.bind(previous)
-            finally:
-                probe.close(linger=0)
-            return previous
-        except (OSError, zmq.ZMQError):
-            return f"tcp://{host}:*"
 
     # ---- replies ----------------------------------------------------------
 
@@ -268,22 +240,15 @@ class Gateway:
     # ---- node-local operations ------------------------------------------------
 
     def _hello(self, origin, _body: dict) -> None:
-        endpoints = []
-        for index in range(self.config.gateway_count()):
-            path = os.path.join(ipc.run_dir(self.config.data_dir), f"gateway-{index}.endpoint")
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    endpoints.append(_advertised(handle.read().strip(), self.config))
-            except FileNotFoundError:
-                continue  # that gateway is (re)starting
-        body = {"version": SERVER_VERSION, "member_id": self.core.member_id,
-                "cluster_id": self.core.cluster_id, "gateways": endpoints}
-        try:
-            # The watch broadcaster's endpoint (absent while it first starts).
-            with open(os.path.join(ipc.run_dir(self.config.data_dir), "watch.endpoint"), encoding="utf-8") as handle:
-                body["watch"] = _advertised(handle.read().strip(), self.config)
-        except FileNotFoundError:
-            pass
+        data_dir = self.config.data_dir
+        # An actor that is (re)starting has no endpoint yet and is left out.
+        gateways = [sockets.read_endpoint(ipc.gateway_endpoint_file(data_dir, index))
+                    for index in range(self.config.gateway_count())]
+        body = {"version": SERVER_VERSION, "member_id": self.core.member_id, "cluster_id": self.core.cluster_id,
+                "gateways": [_advertised(endpoint, self.config) for endpoint in gateways if endpoint]}
+        watch = sockets.read_endpoint(ipc.watch_endpoint_file(data_dir))
+        if watch:
+            body["watch"] = _advertised(watch, self.config)
         self._emit(origin, STATUS_OK, body)
 
     def _snapshot(self, origin, _body: dict) -> None:

@@ -116,6 +116,16 @@ def endpoint(data_dir: str, name: str) -> str:
     return "ipc://" + os.path.join(run_dir(data_dir), name)
 
 
+def gateway_endpoint_file(data_dir: str, index: int) -> str:
+    """Where gateway `index` announces its client endpoint."""
+    return os.path.join(run_dir(data_dir), f"gateway-{index}.endpoint")
+
+
+def watch_endpoint_file(data_dir: str) -> str:
+    """Where the watch broadcaster announces its client endpoint."""
+    return os.path.join(run_dir(data_dir), "watch.endpoint")
+
+
 def raft_endpoint(data_dir: str) -> str:
     return endpoint(data_dir, "raft.sock")
 

@@ -32,7 +32,7 @@ import time
 
 import zmq
 
-from actors import ipc
+from actors import ipc, sockets
 from actors.config import NodeConfig
 from actors.gateway import open_store
 from actors.loop import ActorLoop
@@ -53,13 +53,6 @@ MAX_KEPT_FRAMES_PER_STREAM = 64
 # Responses per frame sent to a client.
 MAX_RESPONSES_PER_FRAME = 1024
 
-ENDPOINT_FILE = "watch.endpoint"
-REBIND_ATTEMPTS = 10
-REBIND_RETRY_S = 0.05
-
-
-def endpoint_file(config: NodeConfig) -> str:
-    return os.path.join(ipc.run_dir(config.data_dir), ENDPOINT_FILE)
 
 
 class Broadcaster:
@@ -87,43 +80,13 @@ class Broadcaster:
     # ---- sockets ------------------------------------------------------------
 
     def _bind_client_socket(self) -> zmq.Socket:
-        socket = self.context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        socket = sockets.client_router(self.context, self.limits, self.limits.watch_client_high_water_mark)
         # A client that reconnects with its routing id takes its stream back.
         socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        socket.setsockopt(zmq.SNDHWM, self.limits.watch_client_high_water_mark)
-        socket.setsockopt(zmq.RCVHWM, self.limits.socket_high_water_mark)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-        socket.setsockopt(zmq.LINGER, 0)
         host, _port = self.config.zmq_url()
-        self._bind_previous_or_new(socket, host)
-        endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        path = endpoint_file(self.config)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(endpoint)
-        os.replace(path + ".tmp", path)
+        endpoint = sockets.bind_announced(socket, host, ipc.watch_endpoint_file(self.config.data_dir))
         self.log.info("watch broadcaster listening", endpoint=endpoint, stream_epoch=self.stream_epoch)
         return socket
-
-    def _bind_previous_or_new(self, socket: zmq.Socket, host: str) -> None:
-        """A restarted broadcaster takes its old port back so clients reconnect to it.
-
-        The port of a killed process may take a moment to come free, so the
-        old endpoint is tried a few times before a new port is taken (clients
-        then find it through hello).
-        """
-        try:
-            with open(endpoint_file(self.config), encoding="utf-8") as handle:
-                previous = handle.read().strip()
-        except OSError:
-            previous = ""
-        for _attempt in range(REBIND_ATTEMPTS if previous else 0):
-            try:
-                socket.bind(previous)
-                return
-            except zmq.ZMQError:
-                time.sleep(REBIND_RETRY_S)  # start-up only, before the loop runs
-        socket.bind(f"tcp://{host}:*")
 
     def header(self, revision: int) -> dict:
         return {"cluster_id": self.cluster_id, "member_id": self.member_id, "revision": revision,
