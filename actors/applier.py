@@ -5,7 +5,9 @@ every committed entry after the store's applied index (SUBSCRIBE), so a
 restart re-applies exactly what is missing: the applied index is written
 in the same LMDB transaction as the changes. Every ENTRIES message is
 applied in one LMDB transaction; the results go back to the gateways that
-proposed them, one RESULTS message per gateway; then every gateway hears
+proposed them, one RESULTS message per gateway (only for entries proposed
+through this member: every member applies every entry, and an entry names
+the member it was proposed through); then every gateway hears
 how far the store got (APPLIED), and the raft log gets its acknowledgement
 (flow control and WAL release).
 
@@ -107,7 +109,9 @@ class Applier:
             assert index == applied + 1 + len(entries), f"gap in committed entries at {index}"
             requests = []
             if entry_type == ipc.ENTRY_NORMAL:
-                gateway, items = codec.unpack(data)
+                member_id, gateway, items = codec.unpack(data)
+                if member_id != self.member_id:
+                    gateway = None  # proposed through another member: its applier answers
                 requests = [((gateway, request_id), op, body) for request_id, op, body in items]
                 physical.update(tag for tag, op, body in requests if op == "compaction" and body["physical"])
             entries.append((index, term, requests))
@@ -128,6 +132,8 @@ class Applier:
         by_gateway: dict[bytes, list] = {}
         for tag, status, body in results:
             gateway, request_id = tag
+            if gateway is None:
+                continue
             if status == codec.STATUS_OK:
                 header = body["header"]
                 header["cluster_id"] = self.cluster_id

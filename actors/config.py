@@ -108,7 +108,11 @@ class NodeConfig:
         AutoCompactor(self.auto_compaction_mode, self.auto_compaction_retention)
         if self.gateways < 0:
             raise ValueError("--gateways must not be negative")
-        self.cluster_members()
+        members = self.cluster_members()
+        if self.initial_cluster and self.member_id() not in {
+                member_id_for(urls, self.initial_cluster_token) for urls in members.values()}:
+            raise ValueError("--initial-cluster must list this member's --initial-advertise-peer-urls "
+                             f"(as {self.name}={','.join(self.initial_advertise_peer_urls)})")
         self.zmq_url()
         for url in self.listen_client_urls + self.listen_peer_urls:
             parse_url(url)
@@ -120,6 +124,55 @@ class NodeConfig:
     def from_json(cls, text: str) -> "NodeConfig":
         raw = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+# The membership a data dir was created with (see with_stored_cluster).
+CLUSTER_FILE = "cluster.json"
+_CLUSTER_FIELDS = ("initial_cluster", "initial_cluster_token", "initial_advertise_peer_urls")
+
+
+def with_stored_cluster(config: NodeConfig, log=None) -> NodeConfig:
+    """As etcd: once a data dir exists, the initial-cluster flags are ignored.
+
+    The first start writes them to <data-dir>/cluster.json (atomically); every
+    later start takes the member id, cluster id and members from there, so a
+    member restarted with the same (or a different) command line rejoins as
+    the same member of the same cluster. A data dir from before this file
+    existed gets one from the current flags."""
+    path = os.path.join(config.data_dir, CLUSTER_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except FileNotFoundError:
+        stored = None
+    if stored is not None:
+        fields = {name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+                  for name in _CLUSTER_FIELDS}
+        restored = dataclasses.replace(config, **fields)
+        if log is not None and any(getattr(config, name) != fields[name] for name in _CLUSTER_FIELDS):
+            log.warning("data dir exists: initial-cluster flags ignored, using the stored membership",
+                        member_id=f"{restored.member_id():x}")
+        return restored
+    write_cluster_file(config)
+    return config
+
+
+def write_cluster_file(config: NodeConfig) -> None:
+    os.makedirs(config.data_dir, exist_ok=True)
+    path = os.path.join(config.data_dir, CLUSTER_FILE)
+    record = {name: getattr(config, name) for name in _CLUSTER_FIELDS}
+    record.update(member_id=f"{config.member_id():x}", cluster_id=f"{config.cluster_id():x}",
+                  members={name: list(urls) for name, urls in config.cluster_members().items()})
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+    directory = os.open(config.data_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def member_id_for(peer_urls: tuple[str, ...], token: str) -> int:

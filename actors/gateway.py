@@ -24,6 +24,7 @@ from actors import ipc, sockets
 from actors.compactor import CHECK_INTERVAL_MS, AutoCompactor
 from actors.config import NodeConfig
 from actors.gateway_core import SERVER_VERSION, GatewayCore
+from actors.grpc_front import GrpcFront, GrpcOrigin
 from actors.lessor import min_ttl_s
 from actors.loop import ActorLoop
 from actors.mvcc import MvccStore
@@ -34,6 +35,9 @@ from protocol.errors import QuorumError
 RAFT_STATUS_REFRESH_MS = 1000
 APPLIER_HELLO_MS = 1000
 SNAPSHOT_PUMP_MS = 10
+# Writes and lease requests unanswered for one to two of these periods are
+# failed with Timeout (a proposal lost with its leader is never answered).
+REQUEST_EXPIRY_MS = 7500
 # Chunks sent per snapshot stream per pump: paces a stream at about
 # 400 MiB/s so a slow reader does not fill the socket queue at once.
 SNAPSHOT_CHUNKS_PER_PUMP = 4
@@ -138,6 +142,9 @@ class Gateway:
             if status != STATUS_OK and body.get("code") != "Compacted":
                 self.log.warning("auto-compaction failed", error=body)
             return
+        if type(origin) is GrpcOrigin:
+            self.grpc_front.deliver(origin, status, body)
+            return
         identity, request_id = origin
         self.outbox.setdefault(identity, []).append([request_id, status, body])
 
@@ -152,6 +159,12 @@ class Gateway:
                 raise
             # The client went away; nobody is left to hear the answer.
         return False
+
+    def expire_unanswered(self) -> None:
+        expired = self.core.expire_unanswered()
+        if expired:
+            self.log.warning("requests unanswered too long failed with Timeout", requests=expired)
+            self.flush()
 
     def say_hello(self) -> None:
         # Repeated so a restarted applier learns of us.
@@ -337,11 +350,18 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_timer(RAFT_STATUS_REFRESH_MS, gateway.refresh_raft_status)
     loop.add_timer(SNAPSHOT_PUMP_MS, gateway.pump_snapshots)
     loop.add_timer(APPLIER_HELLO_MS, gateway.say_hello)
+    loop.add_timer(REQUEST_EXPIRY_MS, gateway.expire_unanswered)
     if index == 0 and gateway.auto_compactor.enabled:
         loop.add_timer(CHECK_INTERVAL_MS, gateway.auto_compact)
+    # etcd's gRPC API on --listen-client-urls (every gateway, SO_REUSEPORT).
+    gateway.grpc_front = GrpcFront(gateway, log)
+    loop.add_socket(gateway.grpc_front.socket, gateway.grpc_front.on_requests, multipart=False)
+    loop.add_timer(SNAPSHOT_PUMP_MS, gateway.grpc_front.pump_snapshots)
+    gateway.grpc_front.start()
     gateway.refresh_raft_status()
     try:
         reason = loop.run()
         log.info("gateway stopping", reason=reason)
     finally:
+        gateway.grpc_front.stop()
         gateway.close()

@@ -25,6 +25,7 @@ body)` and work for the raft log and the applier is collected in
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 from typing import Callable
 
@@ -78,6 +79,9 @@ class GatewayCore:
         self.next_lease_request_id = 1
         self.lease_requests_unsent: list[list] = []
         self.lease_requests_pending: dict[int, tuple] = {}
+        # Expiry (expire_unanswered): ids below these marks were issued before the previous call.
+        self.write_expiry_mark = self.next_request_id
+        self.lease_expiry_mark = self.next_lease_request_id
         # Local handlers for node-local ops the actor implements (snapshot, defragment, hello).
         self.local_handlers: dict[str, Callable[[object, dict], None]] = {}
 
@@ -296,6 +300,27 @@ class GatewayCore:
                                   for a in alarms]
         for origin in waiting:
             self.emit(origin, STATUS_OK, response)
+
+    def expire_unanswered(self) -> int:
+        """Fail with Timeout every write and lease request issued before the
+        previous call and still unanswered; returns how many. Called every
+        period by the actor, so a request gets between one and two periods.
+        In a cluster a proposal can be lost (its leader died before it
+        committed, or truncated it): without this its client would wait
+        forever and the gateway's queue would fill. The outcome of such a
+        write is unknown to the client, as etcd's "request timed out"."""
+        expired = 0
+        for request_id in list(itertools.takewhile(lambda i: i < self.write_expiry_mark, self.pending_writes)):
+            self.fail(self.pending_writes.pop(request_id), QuorumError("Timeout"))
+            expired += 1
+        for request_id in list(itertools.takewhile(lambda i: i < self.lease_expiry_mark,
+                                                   self.lease_requests_pending)):
+            origin, _op, _body = self.lease_requests_pending.pop(request_id)
+            self.fail(origin, QuorumError("Timeout"))
+            expired += 1
+        self.write_expiry_mark = self.next_request_id
+        self.lease_expiry_mark = self.next_lease_request_id
+        return expired
 
     def fail_everything(self, code: str) -> None:
         """Answer every request still held (the actor is stopping)."""

@@ -26,8 +26,13 @@ gateway -> raft log
       applier is still applying earlier terms) holds them until it is.
 raft log -> gateway
   [PROPOSE_FAILED, [gw_request_id, ...], error_code]  (e.g. "NoLeader")
+      On a follower a PROPOSE is forwarded to the leader (actors.peer);
+      its result still comes from this member's applier.
   [READ_INDEX, read_id, index]
   [READ_INDEX_FAILED, read_id, error_code]
+      "NoLeader", "LeaderChanged", or "Timeout" (no answer from the leader
+      within 2 election timeouts). On a follower the read index comes from
+      the leader (Raft ReadIndex forwarding).
   [RAFT_STATUS, status_id, {"term", "leader", "commit_index", "last_index",
                             "member_id", "cluster_id", "snapshot_index"}]
   [LEASE_REPLY, [[lease_request_id, status, body], ...]]   (status as protocol.codec)
@@ -49,7 +54,10 @@ applier -> raft log
 raft log -> applier
   [ENTRIES, [[index, term, entry_type, data], ...]]
       Committed entries in order, with no gaps. For ENTRY_NORMAL, data is
-      msgpack [gateway_identity, [[gw_request_id, op, body], ...]].
+      msgpack [member_id, gateway_identity, [[gw_request_id, op, body], ...]]:
+      member_id is the member whose gateway proposed it. Every member applies
+      every entry; an applier sends RESULTS only for entries whose member_id
+      is its own.
       The leader's lessor proposes the revokes of expired leases itself, as
       entries from gateway_identity b"lessor": their results go nowhere.
       An ENTRY_EMPTY (a new leader's no-op) has data b"".

@@ -7,7 +7,8 @@ core's Ready in the contract's order:
 
     1. append the Ready's entries and hard state to the WAL, ONE fdatasync
        (group commit for everything proposed in the pass),
-    2. send peer messages (none yet: the peer transport is a later issue),
+    2. send peer messages (actors.peer: one frame per peer per pass, only
+       after the fsync above),
     3. hand durable committed entries to the applier, in order, in ENTRIES
        batches bounded by max_apply_batch_entries/bytes with at most
        max_apply_inflight_batches unacknowledged,
@@ -19,7 +20,20 @@ before its fsync. A SUBSCRIBE (re)starts delivery after the applier's applied
 index; APPLIED acks free the window and report the durable index, from which
 snapshot markers are written and whole WAL segments released.
 
-One PROPOSE = one entry whose data is msgpack [gateway_identity, items].
+One PROPOSE = one entry whose data is msgpack [member_id, gateway_identity,
+items]: every member applies every entry, and only the proposing member's
+applier answers its gateways. A PROPOSE that reaches a follower is forwarded
+to the leader over the peer transport (actor-level, not a Raft MsgProp); the
+leader proposes the same data, and the result comes back through the
+proposing member's applier when the entry is applied there. No leader known:
+PROPOSE_FAILED NoLeader at once.
+
+Linearizable reads: READ_INDEX goes to the core's ReadIndex (on a follower
+the core forwards it to the leader as MsgReadIndex). The actor wraps each
+read's context with a sequence number of its own and keeps the pending
+reads: an answer for an unknown sequence (a replayed stale message) is
+dropped, and a read not answered within READ_INDEX_TIMEOUT election timeouts
+(its leader died) is answered READ_INDEX_FAILED Timeout.
 
 Leases: the actor owns the node's lessor (actors.lessor), because it is the
 one actor that knows leadership. On becoming leader it promotes the lessor
@@ -44,10 +58,11 @@ import zmq
 
 from actors import ipc
 from actors.config import NodeConfig, member_id_for
+from actors.peer import FAULTS_CHECK_MS, PeerTransport
 from actors.lessor import Lessor, seconds_truncated
 from actors.loop import ActorLoop
 from actors.raft import (
-    ROLE_LEADER, ConfState, Config, Entry, HardState, MemoryStorage, ProposalDropped, RawNode, ReadIndexDropped,
+    NONE, ROLE_LEADER, ConfState, Config, Entry, HardState, MemoryStorage, ProposalDropped, RawNode, ReadIndexDropped,
     SnapshotMeta,
 )
 from actors.wal import Wal
@@ -61,6 +76,9 @@ LEASE_CHECK_MS = 100
 _LEASE_OPS = ("lease_keep_alive", "lease_time_to_live")
 # The store (read for leases now and then) is closed after this long unused.
 STORE_IDLE_CLOSE_MS = 1000
+# A read waiting for its read index longer than this many election timeouts
+# is failed (its leader is gone or cut off).
+READ_INDEX_TIMEOUT_ELECTIONS = 2
 
 
 class MalformedMessage(ValueError):
@@ -87,7 +105,7 @@ def build_node(config: NodeConfig, wal_recovery, rng: random.Random) -> tuple[Ra
 
 class RaftLogActor:
     def __init__(self, config: NodeConfig, log, socket: zmq.Socket, wal: Wal, node: RawNode, storage: MemoryStorage,
-                 clock_ms=lambda: time.monotonic() * 1000):
+                 clock_ms=lambda: time.monotonic() * 1000, transport: PeerTransport | None = None):
         self.config = config
         self.limits = config.limits()
         self.log = log
@@ -97,6 +115,12 @@ class RaftLogActor:
         self.storage = storage
         self.member_id = config.member_id()
         self.cluster_id = config.cluster_id()
+        self.forward_handlers = {
+            "propose": self.take_forwarded_proposal,
+            "propose_failed": self.take_proposal_failure,
+            "lease_request": self.take_forwarded_lease_requests,
+            "lease_reply": self.take_lease_replies,
+        }
         self.handlers = {
             ipc.PROPOSE: self.on_propose,
             ipc.READ_INDEX: self.on_read_index,
@@ -113,6 +137,13 @@ class RaftLogActor:
         self.fsync_count = 0
         self.bytes_since_snapshot = 0
         self.peer_messages_dropped = 0
+        self.transport = transport
+        self.proposals_forwarded = 0
+        # Linearizable reads in the core: sequence -> (identity, read_id, asked_ms).
+        # Starts from the wall clock in microseconds so that a stale answer
+        # replayed from before a restart of this member matches no new read.
+        self.next_read_sequence = time.time_ns() // 1000
+        self.pending_reads: dict[int, tuple[bytes, object, float]] = {}
         # Leases. The lessor is promoted once the applier reaches
         # promote_at_index (set when this node becomes leader); lease requests
         # that arrive before are held. The store is opened read-only on demand.
@@ -170,19 +201,52 @@ class RaftLogActor:
         # Re-encoded rather than spliced from the frame: msgpack decoding ignores
         # trailing bytes, so a splice could smuggle garbage into the log; and
         # encoding costs ~0.07 us per request.
-        data = ormsgpack.packb([identity, items])
+        data = ormsgpack.packb([self.member_id, identity, items])
         try:
             self.node.propose(data)
         except ProposalDropped:
-            self.reply(identity, [ipc.PROPOSE_FAILED, [item[0] for item in items], "NoLeader"])
+            leader = self.node.raft.lead
+            if self.transport is not None and leader != NONE and leader != self.member_id:
+                self.transport.queue_forward(leader, ["propose", data])
+                self.proposals_forwarded += 1
+            else:
+                self.reply(identity, [ipc.PROPOSE_FAILED, [item[0] for item in items], "NoLeader"])
 
     def on_read_index(self, identity: bytes, message: list, _payload: bytes) -> None:
         if len(message) != 2:
             raise MalformedMessage("READ_INDEX wants [read_index, read_id]")
+        if len(self.pending_reads) >= self.limits.max_pending_requests_per_gateway:
+            self.reply(identity, [ipc.READ_INDEX_FAILED, message[1], "TooManyRequests"])
+            return
+        sequence = self.next_read_sequence
         try:
-            self.node.read_index((identity, message[1]))
+            self.node.read_index((identity, message[1], sequence))
         except ReadIndexDropped:
             self.reply(identity, [ipc.READ_INDEX_FAILED, message[1], "NoLeader"])
+            return
+        self.next_read_sequence += 1
+        self.pending_reads[sequence] = (identity, message[1], self.clock_ms())
+
+    def take_pending_read(self, context) -> tuple[bytes, object] | None:
+        """The (identity, read_id) a read state's context stands for, or None when
+        it is not ours or already answered (a stale or replayed answer)."""
+        if not isinstance(context, tuple) or len(context) != 3:
+            return None
+        pending = self.pending_reads.pop(context[2], None)
+        if pending is None or pending[0] != context[0] or pending[1] != context[1]:
+            return None
+        return pending[0], pending[1]
+
+    def expire_pending_reads(self) -> None:
+        deadline_ms = self.clock_ms() - READ_INDEX_TIMEOUT_ELECTIONS * self.config.election_timeout_ms
+        expired = []
+        for sequence, (_identity, _read_id, asked_ms) in self.pending_reads.items():  # oldest first
+            if asked_ms > deadline_ms:
+                break
+            expired.append(sequence)
+        for sequence in expired:
+            identity, read_id, _asked_ms = self.pending_reads.pop(sequence)
+            self.reply(identity, [ipc.READ_INDEX_FAILED, read_id, "Timeout"])
 
     def on_raft_status(self, identity: bytes, message: list, _payload: bytes) -> None:
         if len(message) != 2:
@@ -257,18 +321,104 @@ class RaftLogActor:
                 self.fsync_count += 1
             self.send_peer_messages(ready.messages)  # only after the fsync above
             for read_state in ready.read_states:
-                identity, read_id = read_state.context
-                self.reply(identity, [ipc.READ_INDEX, read_id, read_state.index])
-            for identity, read_id in ready.dropped_reads:
-                self.reply(identity, [ipc.READ_INDEX_FAILED, read_id, "LeaderChanged"])
+                read = self.take_pending_read(read_state.context)
+                if read is not None:
+                    self.reply(read[0], [ipc.READ_INDEX, read[1], read_state.index])
+            for context in ready.dropped_reads:
+                read = self.take_pending_read(context)
+                if read is not None:
+                    self.reply(read[0], [ipc.READ_INDEX_FAILED, read[1], "LeaderChanged"])
             node.advance(ready)
+        if self.transport is not None:
+            self.transport.flush()  # one frame per peer for the whole pass
         self.deliver()
 
     def send_peer_messages(self, messages: list) -> None:
-        """HOOK for the peer transport (next issue). A single voter produces no
-        peer messages; a multi-member configuration's are dropped and counted,
-        so such a member simply never elects a leader (PROPOSE -> NoLeader)."""
-        self.peer_messages_dropped += len(messages)
+        """Queue the Ready's messages for the peers (sent by flush() at the end
+        of the pass, after every fsync of the pass)."""
+        if self.transport is None:
+            self.peer_messages_dropped += len(messages)
+            return
+        for message in messages:
+            self.transport.queue_message(message)
+
+    # ---- peers ------------------------------------------------------------------
+
+    def on_peer_batch(self, batch: list) -> None:
+        for frames in batch:
+            decoded = self.transport.decode(frames)
+            if decoded is None:
+                continue
+            sender, messages, forwards = decoded
+            for message in messages:
+                self.node.step(message)
+            for forward in forwards:
+                handler = self.forward_handlers.get(forward[0]) if isinstance(forward, list) and forward else None
+                if handler is None:
+                    self.log.warning("unknown forward from a peer dropped", sender=f"{sender:x}")
+                    continue
+                handler(sender, forward)
+        deferred, self.deferred_lease_requests = self.deferred_lease_requests, []
+        for identity, items in deferred:
+            self.take_lease_requests(identity, items)
+        self.process_ready()
+
+    def take_forwarded_proposal(self, sender: int, forward: list) -> None:
+        """A follower's PROPOSE batch: propose it as is, or tell it we cannot."""
+        try:
+            if len(forward) != 2:
+                raise MalformedMessage("propose wants [propose, data]")
+            data = forward[1]
+            if not isinstance(data, bytes) or len(data) > self.limits.max_proposal_batch_bytes + 1024:
+                raise MalformedMessage("a forwarded proposal is entry data within max_proposal_batch_bytes")
+            member_id, gateway, items = ormsgpack.unpackb(data)
+            if member_id != sender or not isinstance(gateway, bytes) or not isinstance(items, list) or not items:
+                raise MalformedMessage("a forwarded proposal is [sender member id, gateway, items]")
+            request_ids = [item[0] for item in items]
+        except (MalformedMessage, ormsgpack.MsgpackDecodeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            self.log.warning("malformed forwarded proposal dropped", sender=f"{sender:x}", error=str(exc)[:200])
+            return
+        try:
+            self.node.propose(data)
+        except ProposalDropped:
+            code = "NotLeader" if self.node.raft.lead != NONE else "NoLeader"
+            self.transport.queue_forward(sender, ["propose_failed", gateway, request_ids, code])
+
+    def take_proposal_failure(self, sender: int, forward: list) -> None:
+        if (len(forward) != 4 or not isinstance(forward[1], bytes)
+                or not isinstance(forward[2], list) or forward[3] not in ("NotLeader", "NoLeader")):
+            self.log.warning("malformed proposal failure dropped", sender=f"{sender:x}")
+            return
+        _kind, gateway, request_ids, code = forward
+        # NotLeader from a member that just lost leadership: to the client it is NoLeader (retry later).
+        self.reply(gateway, [ipc.PROPOSE_FAILED, request_ids, "NoLeader" if code == "NotLeader" else code])
+
+    def take_forwarded_lease_requests(self, sender: int, forward: list) -> None:
+        if len(forward) != 3 or not isinstance(forward[1], bytes):
+            self.log.warning("malformed forwarded lease request dropped", sender=f"{sender:x}")
+            return
+        try:
+            self.on_lease_request((sender, forward[1]), [ipc.LEASE_REQUEST, forward[2]], b"")
+        except MalformedMessage as exc:
+            self.log.warning("malformed forwarded lease request dropped", sender=f"{sender:x}", error=str(exc)[:200])
+
+    def take_lease_replies(self, sender: int, forward: list) -> None:
+        if len(forward) != 3 or not isinstance(forward[1], bytes) or not isinstance(forward[2], list):
+            self.log.warning("malformed lease reply dropped", sender=f"{sender:x}")
+            return
+        self.reply(forward[1], [ipc.LEASE_REPLY, forward[2]])
+
+    def reply_lease(self, identity, replies: list) -> None:
+        """To a local gateway (identity bytes) or, for a forwarded request, to
+        the member it came from (identity (member id, gateway identity))."""
+        if isinstance(identity, tuple):
+            self.transport.queue_forward(identity[0], ["lease_reply", identity[1], replies])
+        else:
+            self.reply(identity, [ipc.LEASE_REPLY, replies])
+
+    def on_peer_tick(self) -> None:
+        self.transport.reload_faults()
+        self.expire_pending_reads()
 
     def deliver(self) -> None:
         """Send durable committed entries to the applier, within the window."""
@@ -407,8 +557,14 @@ class RaftLogActor:
             if held + len(items) <= self.limits.max_held_lease_requests:
                 self.held_lease_requests.append((identity, items))
                 return
-            self.reply(identity, [ipc.LEASE_REPLY, [[item[0], codec.STATUS_ERROR,
-                                                      QuorumError("TooManyRequests").to_wire()] for item in items]])
+            self.reply_lease(identity, [[item[0], codec.STATUS_ERROR, QuorumError("TooManyRequests").to_wire()]
+                                        for item in items])
+            return
+        leader = self.node.raft.lead
+        if (not self.is_leader and isinstance(identity, bytes) and self.transport is not None
+                and leader not in (NONE, self.member_id)):
+            # A follower forwards keep-alives and time-to-live to the leader's lessor.
+            self.transport.queue_forward(leader, ["lease_request", identity, items])
             return
         self.answer_lease_requests(identity, items)
 
@@ -416,7 +572,7 @@ class RaftLogActor:
         if not self.lessor.primary:
             code = "NotLeader" if self.node.raft.lead else "NoLeader"
             error = QuorumError(code).to_wire()
-            self.reply(identity, [ipc.LEASE_REPLY, [[item[0], codec.STATUS_ERROR, error] for item in items]])
+            self.reply_lease(identity, [[item[0], codec.STATUS_ERROR, error] for item in items])
             return
         now_ms = self.clock_ms()
         replies = []
@@ -435,7 +591,7 @@ class RaftLogActor:
                     response = {"ID": lease_id, "TTL": seconds_truncated(remaining_ms),
                                 "grantedTTL": self.lessor.granted_ttl_s(lease_id)}
                 replies.append([request_id, codec.STATUS_OK, response])
-        self.reply(identity, [ipc.LEASE_REPLY, replies])
+        self.reply_lease(identity, replies)
 
     def on_lease_tick(self) -> None:
         """Propose the revokes of expired leases: one entry, a bounded count."""
@@ -453,7 +609,7 @@ class RaftLogActor:
             items.append([self.next_lessor_request_id, "lease_revoke", {"ID": lease_id}])
             self.next_lessor_request_id += 1
         try:
-            self.node.propose(ormsgpack.packb([ipc.LESSOR_IDENTITY, items]))
+            self.node.propose(ormsgpack.packb([self.member_id, ipc.LESSOR_IDENTITY, items]))
         except ProposalDropped:
             # Leadership is going; the new leader's lessor takes over (and the
             # retry time brings these back if we stay leader).
@@ -514,21 +670,28 @@ def run(config: NodeConfig, index: int, log) -> None:
     wal, recovery = Wal.open(os.path.join(config.data_dir, "wal"), limits.wal_segment_bytes, log=log)
     rng = random.Random(config.seed or config.member_id())
     node, storage = build_node(config, recovery, rng)
-    if len(node.raft.voters) > 1:
-        log.warning("multi-member cluster configured but the peer transport is not implemented yet",
-                    voters=len(node.raft.voters))
     log.info("raft log recovered", last_index=recovery.last_index, term=recovery.hard_state.term,
              commit_index=recovery.hard_state.commit, snapshot_index=recovery.snapshot.index,
              torn_tail_bytes=recovery.truncated_tail_bytes)
     context = zmq.Context()
     socket = bind_socket(context, config)
-    actor = RaftLogActor(config, log, socket, wal, node, storage)
+    transport = None
+    if len(node.raft.voters) > 1:
+        transport = PeerTransport(context, config, log)
+        log.info("peer transport up", listen=config.listen_peer_urls[0], member_id=f"{config.member_id():x}",
+                 peers={f"{peer:x}": transport.names[peer] for peer in transport.peers})
+    actor = RaftLogActor(config, log, socket, wal, node, storage, transport=transport)
     assert set(actor.handlers) == {ipc.PROPOSE, ipc.READ_INDEX, ipc.RAFT_STATUS, ipc.SUBSCRIBE, ipc.APPLIED,
                                    ipc.LEASE_REQUEST}
     loop = ActorLoop(log, limits.max_messages_per_poll, parent_pid=os.getppid())
     loop.add_socket(socket, actor.on_batch, multipart=True)
     loop.add_timer(config.heartbeat_interval_ms, actor.on_tick)
     loop.add_timer(LEASE_CHECK_MS, actor.on_lease_tick)
+    if transport is not None:
+        loop.add_socket(transport.router, actor.on_peer_batch, multipart=True)
+        loop.add_timer(FAULTS_CHECK_MS, actor.on_peer_tick)
+    else:
+        loop.add_timer(FAULTS_CHECK_MS, actor.expire_pending_reads)
     actor.process_ready()
     try:
         reason = loop.run()
@@ -538,5 +701,7 @@ def run(config: NodeConfig, index: int, log) -> None:
         if actor.store is not None:
             actor.store.close()
         wal.close()
+        if transport is not None:
+            transport.close()
         socket.close(0)
         context.term()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from actors.config import NodeConfig, member_id_for
+from actors.config import NodeConfig, member_id_for, write_cluster_file
 from actors.gateway import open_store, store_dir
 from actors.mvcc import MvccStore
 from actors.wal import Wal
@@ -36,4 +36,5 @@ def restore_data_dir(snapshot_file: str, config: NodeConfig) -> dict:
         wal.sync()
     finally:
         wal.close()
+    write_cluster_file(config)
     return {**status, "raft_index": applied_index, "raft_term": raft_term}

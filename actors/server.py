@@ -40,10 +40,12 @@ def run_role(config: node_config.NodeConfig, role: str, index: int) -> int:
     log = logs.configure(config.name, name, config.log_level)
     if os.environ.get(CONFIG_ENV):
         die_with_parent()
-    elif not os.path.exists(os.path.join(config.data_dir, "store", "CURRENT")):
+    else:
         # Started by supervisord or systemd, not our supervisor: whichever
         # actor comes first makes the data dir for the others.
-        prepare_data_dir(config)
+        config = node_config.with_stored_cluster(config, log)
+        if not os.path.exists(os.path.join(config.data_dir, "store", "CURRENT")):
+            prepare_data_dir(config)
     module = importlib.import_module(ROLES[role])
     module.run(config, index, log)
     return 0
@@ -66,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     if role_args.role:
         return run_role(config, role_args.role, role_args.index)
     log = logs.configure(config.name, "supervisor", config.log_level)
+    os.makedirs(config.data_dir, exist_ok=True)
+    config = node_config.with_stored_cluster(config, log)
     prepare_data_dir(config)
     host, port = config.zmq_url()
     log.info("starting node", data_dir=os.path.abspath(config.data_dir), zmq=f"tcp://{host}:{port}",
-             gateways=config.gateway_count(), member_id=f"{config.member_id():x}")
+             gateways=config.gateway_count(), member_id=f"{config.member_id():x}",
+             cluster_id=f"{config.cluster_id():x}", members=len(config.cluster_members()),
+             initial_cluster_state=config.initial_cluster_state)
     return Supervisor(config, log).run()
 
 

@@ -50,6 +50,9 @@ class Limits:
     max_messages_per_poll: int = 256
     # ZeroMQ high-water marks (messages) on every socket.
     socket_high_water_mark: int = 100_000
+    # Frames queued per peer connection (each up to about max_append_entries_bytes);
+    # past it a frame to that peer is dropped and Raft retransmits.
+    peer_high_water_mark: int = 64
     # Snapshot streaming chunk.
     snapshot_chunk_bytes: int = 1 * MIB
     # Compaction deletes at most this many revisions per LMDB transaction so

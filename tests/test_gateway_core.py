@@ -170,3 +170,21 @@ def test_lease_keep_alive_and_time_to_live_go_to_the_lessor():
     (nl_id, _, _), = core.take_lease_requests()
     core.on_lease_replies([[nl_id, STATUS_ERROR, {"code": "NoLeader", "message": "etcdserver: no leader"}]])
     assert replies[-1] == ("nl", STATUS_ERROR, {"code": "NoLeader", "message": "etcdserver: no leader"})
+
+
+def test_unanswered_writes_and_lease_requests_expire_after_one_to_two_periods():
+    """Goal: a proposal lost with its leader (never answered) does not hold its
+    client or the gateway's queue forever. Method: queue writes and a lease
+    request, call expire_unanswered twice, check only those issued before the
+    first call fail with Timeout, on the second call."""
+    core, _store, emitted = make_core()
+    core.submit(("c", 1), "put", {"key": b"a", "value": b"1"})
+    core.submit(("c", 2), "lease_keep_alive", {"ID": 7})
+    core.take_proposals()
+    core.take_lease_requests()
+    assert core.expire_unanswered() == 0  # issued before this first call: they get one more period
+    core.submit(("c", 3), "put", {"key": b"b", "value": b"2"})
+    assert core.expire_unanswered() == 2
+    failed = {origin: body["code"] for origin, status, body in emitted if status == STATUS_ERROR}
+    assert failed == {("c", 1): "Timeout", ("c", 2): "Timeout"}
+    assert core.expire_unanswered() == 1  # the third write, one period later

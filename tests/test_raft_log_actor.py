@@ -20,11 +20,13 @@ import zmq
 
 from actors import ipc
 from actors.config import NodeConfig
+from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = """
 import sys
 from actors.config import NodeConfig
+from tests.conftest import free_port
 from actors import logs, raft_log
 config = NodeConfig.from_json(sys.argv[1])
 raft_log.run(config, 0, logs.configure(config.name, "raft_log", "info"))
@@ -149,8 +151,8 @@ def test_proposals_reach_the_applier_in_order_without_gaps(node):
     assert entries[0][2] == ipc.ENTRY_EMPTY and entries[0][3] == b""
     for batch_id, entry in enumerate(entries[1:]):
         assert entry[2] == ipc.ENTRY_NORMAL
-        identity, items = ormsgpack.unpackb(entry[3])
-        assert identity == b"gateway-0"
+        member_id, identity, items = ormsgpack.unpackb(entry[3])
+        assert member_id == node.config.member_id() and identity == b"gateway-0"
         assert [item[0] for item in items] == [batch_id * 1000 + n for n in range(3)]
     status = node.status()
     assert status["commit_index"] == 51 and status["last_index"] == 51 and status["term"] >= 1
@@ -226,7 +228,7 @@ def test_kill_9_keeps_every_delivered_entry(tmp_path):
         # And it goes on: a new proposal lands after everything recovered.
         process.propose(999)
         more = process.collect_entries(process.status()["last_index"])
-        assert ormsgpack.unpackb(more[-1][3])[1][0][0] == 999000
+        assert ormsgpack.unpackb(more[-1][3])[2][0][0] == 999000
     finally:
         process.stop()
 
@@ -281,11 +283,13 @@ def test_throughput_batched_proposals(node):
 
 
 def test_without_a_leader_proposals_and_reads_fail_with_no_leader(tmp_path):
-    """Goal: a member of a 3-node cluster (no peer transport yet, so no leader)
+    """Goal: a member of a 3-node cluster whose peers are not there (so no leader)
     answers PROPOSE_FAILED / READ_INDEX_FAILED with NoLeader."""
-    config = make_config(tmp_path, initial_cluster="n1=http://127.0.0.1:2380,n2=http://127.0.0.2:2380,"
-                                                    "n3=http://127.0.0.3:2380",
-                         initial_advertise_peer_urls=("http://127.0.0.1:2380",))
+    port = free_port()
+    config = make_config(tmp_path, initial_cluster=f"n1=http://127.0.0.1:{port},n2=http://127.0.0.2:{port},"
+                                                    f"n3=http://127.0.0.3:{port}",
+                         initial_advertise_peer_urls=(f"http://127.0.0.1:{port}",),
+                         listen_peer_urls=(f"http://127.0.0.1:{port}",))
     process = RaftLogProcess(config, str(tmp_path / "raft_log.log"))
     try:
         process.start(wait_for_leader=False)

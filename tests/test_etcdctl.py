@@ -1,0 +1,256 @@
+"""Goal: real etcd clients work against quorumkv's etcd gRPC API unchanged.
+
+Method: start a real node (two gateway processes sharing the client port
+with SO_REUSEPORT) and run the real `etcdctl` 3.4 (Debian's etcd-client,
+installed by tools/test.sh) against `node.client_port`, checking its output,
+exit codes and error messages; where quorumctl has the same command, its
+output for the same state must be the same text. A few checks speak gRPC
+directly with the generated stubs (status codes, headers, size limits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from tests.conftest import REPO
+
+ETCDCTL = shutil.which("etcdctl")
+pytestmark = pytest.mark.skipif(ETCDCTL is None, reason="etcdctl not installed (tools/test.sh installs etcd-client)")
+
+
+def etcdctl(node, *args: str, input: str | bytes | None = None) -> subprocess.CompletedProcess:
+    text = not isinstance(input, bytes)
+    return subprocess.run([ETCDCTL, "--endpoints", f"127.0.0.1:{node.client_port}", "--command-timeout=10s", *args],
+                          input=input, capture_output=True, text=text, timeout=60,
+                          env={**os.environ, "ETCDCTL_API": "3"})
+
+
+def ok(node, *args: str, input: str | bytes | None = None) -> str:
+    result = etcdctl(node, *args, input=input)
+    assert result.returncode == 0, f"etcdctl {args}: {result.stderr}"
+    return result.stdout
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """etcdctl's last stderr line ("Error: ..."); its retry warnings come before it."""
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_put_get_del_print_what_quorumctl_prints(node):
+    """Goal: KV commands with their flags and output formats match quorumctl's
+    output on the same state. Method: write with etcdctl, then run each read
+    through both tools and compare the text."""
+    assert ok(node, "put", "k1", "v1") == "OK\n"
+    assert ok(node, "put", "k2", "v2") == "OK\n"
+    assert ok(node, "put", "k3", "v3") == "OK\n"
+    assert ok(node, "put", "k1", "v1b", "--prev-kv") == "OK\nk1\nv1\n"
+    assert ok(node, "put", "other", "x") == "OK\n"
+    reads = [
+        ("get", "k1"),
+        ("get", "k1", "-w", "json"),
+        ("get", "k", "--prefix", "-w", "fields"),
+        ("get", "k", "--prefix", "-w", "json"),
+        ("get", "k", "--prefix", "--keys-only"),
+        ("get", "k", "--prefix", "--limit", "2", "-w", "json"),
+        ("get", "k1", "--rev", "2", "-w", "json"),
+        ("get", "k", "--prefix", "--sort-by=MODIFY", "--order=DESCEND"),
+        ("get", "k", "--prefix", "--sort-by=VALUE", "--order=ASCEND", "-w", "json"),
+        ("get", "k1", "--print-value-only"),
+        ("get", "k", "--from-key", "--hex"),
+        ("get", "k1", "--consistency=s", "-w", "json"),
+        ("get", "missing", "-w", "json"),
+        ("get", "k1", "k3", "-w", "simple"),
+    ]
+    for args in reads:
+        ours = node.ctl(*args)
+        assert ours.returncode == 0, ours.stderr
+        assert ok(node, *args) == ours.stdout, args
+    assert ok(node, "get", "k1") == "k1\nv1b\n"
+    assert json.loads(ok(node, "get", "k", "--prefix", "-w", "json"))["count"] == 3
+    assert ok(node, "del", "k2", "--prev-kv") == "1\nk2\nv2\n"
+    assert ok(node, "del", "k", "--prefix") == "2\n"
+    assert ok(node, "del", "missing") == "0\n"
+    assert ok(node, "get", "", "--from-key") == "other\nx\n"
+
+
+def test_json_header_carries_member_cluster_revision_and_term(node):
+    """Goal: response headers are etcd's. Method: compare etcdctl's json
+    header with the node's status as quorumctl reports it."""
+    ok(node, "put", "a", "1")
+    header = json.loads(ok(node, "get", "a", "-w", "json"))["header"]
+    status = json.loads(node.ctl("endpoint", "status", "-w", "json", check=True).stdout)[0]["Status"]["header"]
+    assert header["cluster_id"] == status["cluster_id"] and header["member_id"] == status["member_id"]
+    assert header["revision"] == 2 and header["raft_term"] >= 1
+
+
+def test_errors_have_etcds_messages(node):
+    """Goal: failures reach etcdctl with etcd's gRPC codes and messages.
+    Method: provoke each and read etcdctl's "Error:" line."""
+    for _ in range(3):
+        ok(node, "put", "k", "v")
+    assert ok(node, "compaction", "3") == "compacted revision 3\n"
+    compacted = etcdctl(node, "get", "k", "--rev", "2")
+    assert compacted.returncode != 0
+    assert error_line(compacted) == "Error: etcdserver: mvcc: required revision has been compacted"
+    assert "code = OutOfRange" in compacted.stderr
+    future = etcdctl(node, "get", "k", "--rev", "100")
+    assert error_line(future) == "Error: etcdserver: mvcc: required revision is a future revision"
+    assert error_line(etcdctl(node, "put", "", "v")) == "Error: etcdserver: key is not provided"
+    again = etcdctl(node, "compaction", "3")
+    assert error_line(again) == "Error: etcdserver: mvcc: required revision has been compacted"
+    revoke = etcdctl(node, "lease", "revoke", "1234")
+    assert error_line(revoke) == "Error: failed to revoke lease (etcdserver: requested lease not found)"
+    assert "code = NotFound" in revoke.stderr
+
+
+def test_txn(node):
+    """Goal: etcdctl's txn (its stdin syntax) runs as one etcd Txn.
+    Method: a compare that holds, then one that fails, with -w json
+    compared with quorumctl's for the failing (read-only) one."""
+    ok(node, "put", "k1", "v1")
+    script = 'value("k1") = "v1"\n\nput k1 w\nput k2 x\n\nget k1\n\n'
+    assert ok(node, "txn", input=script) == "SUCCESS\n\nOK\n\nOK\n"
+    assert ok(node, "get", "k", "--prefix", "--print-value-only") == "w\nx\n"
+    failing = 'value("k1") = "v1"\nmod("k2") > "0"\n\nput k1 z\n\nget k1\nget k2\n\n'
+    assert ok(node, "txn", input=failing) == "FAILURE\n\nk1\nw\n\nk2\nx\n"
+    ours = node.ctl("txn", "-w", "json", input=failing)
+    assert ours.returncode == 0, ours.stderr
+    theirs = ok(node, "txn", "-w", "json", input=failing)
+    assert theirs == ours.stdout
+    assert not json.loads(theirs).get("succeeded", False)  # etcdctl omits a false field
+
+
+def test_maintenance_commands(node, tmp_path):
+    """Goal: endpoint status/health/hashkv, defrag, alarm list, compaction and
+    snapshot save work through etcdctl. Method: run each; compare the hash
+    with quorumctl's; check the snapshot file carries etcd's SHA-256 trailer
+    and that quorumkv's own restore tooling reads it."""
+    for index in range(5):
+        ok(node, "put", f"k{index}", "v")
+    table = ok(node, "endpoint", "status", "-w", "table")
+    assert f"127.0.0.1:{node.client_port}" in table and "3.4.0-quorumkv" in table
+    row = [cell.strip() for cell in table.splitlines()[3].split("|")[1:-1]]
+    assert row[4] == "true" and row[5] == "false", row  # IS LEADER, IS LEARNER
+    status = json.loads(ok(node, "endpoint", "status", "-w", "json"))[0]["Status"]
+    assert status["dbSize"] > 0 and status["raftIndex"] >= status["raftAppliedIndex"] > 0
+    assert status["leader"] == status["header"]["member_id"]
+    theirs = ok(node, "endpoint", "hashkv", "-w", "table")
+    ours = node.ctl("endpoint", "hashkv", check=True).stdout
+    assert ours.strip().split(", ")[1] in theirs
+    assert ok(node, "compaction", "4", "--physical") == "compacted revision 4\n"
+    assert ok(node, "defrag") == f"Finished defragmenting etcd member[127.0.0.1:{node.client_port}]\n"
+    assert ok(node, "alarm", "list") == ""
+    health = etcdctl(node, "endpoint", "health")  # etcdctl 3.4 writes this line to stderr
+    assert health.returncode == 0 and health.stderr.startswith(f"127.0.0.1:{node.client_port} is healthy: successfully committed proposal: took = ")
+    assert ok(node, "get", "k4", "--print-value-only") == "v\n"
+    path = str(tmp_path / "backup.db")
+    assert ok(node, "snapshot", "save", path) == f"Snapshot saved at {path}\n"
+    with open(path, "rb") as handle:
+        data = handle.read()
+    assert len(data) % 512 == 32 and hashlib.sha256(data[:-32]).digest() == data[-32:]
+    offline = subprocess.run([sys.executable, "-m", "tools.snapshot", "status", path], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0 and "revision 6" in offline.stdout, offline.stdout + offline.stderr
+
+
+def test_leases(node):
+    """Goal: lease grant/timetolive/list/keep-alive --once/revoke through
+    etcdctl, keys going with a revoked lease. Method: run each, read output."""
+    granted = ok(node, "lease", "grant", "100")
+    lease = granted.split()[1]
+    assert granted == f"lease {lease} granted with TTL(100s)\n"
+    ok(node, "put", "leased", "v", "--lease", lease)
+    ttl = ok(node, "lease", "timetolive", lease, "--keys")
+    assert ttl.startswith(f"lease {lease} granted with TTL(100s), remaining(")
+    assert ttl.endswith("attached keys([leased])\n")
+    assert ok(node, "lease", "list") == f"found 1 leases\n{lease}\n"
+    assert ok(node, "lease", "list") == node.ctl("lease", "list", check=True).stdout
+    assert ok(node, "lease", "keep-alive", "--once", lease) == f"lease {lease} keepalived with TTL(100)\n"
+    as_json = json.loads(ok(node, "lease", "timetolive", lease, "-w", "json"))
+    assert as_json["id"] == int(lease, 16) and as_json["granted-ttl"] == 100 and 0 < as_json["ttl"] <= 100
+    assert ok(node, "lease", "revoke", lease) == f"lease {lease} revoked\n"
+    assert ok(node, "get", "leased") == ""
+    assert ok(node, "lease", "timetolive", lease) == f"lease {lease} already expired\n"
+    assert ok(node, "lease", "list") == "found 0 leases\n"
+
+
+def _grpc_listeners(node) -> dict[str, set[int]]:
+    """gateway name -> pids that logged listening on the client port."""
+    with open(node.log_path, encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle if line.startswith("{")]
+    listeners: dict[str, set[int]] = {}
+    for line in lines:
+        if line.get("event") == "grpc listening" and f"127.0.0.1:{node.client_port}" in line.get("addresses", []):
+            listeners.setdefault(line["actor"], set()).add(line["pid"])
+    return listeners
+
+
+def test_every_gateway_serves_the_client_port_also_after_a_restart(node):
+    """Goal: all gateway processes share --listen-client-urls (SO_REUSEPORT),
+    and a gateway restarted by the supervisor binds it again beside the
+    others. Method: read the gateways' logs; kill -9 gateway-0; etcdctl
+    runs (new connections, spread by the kernel) keep working throughout."""
+    pids = node.actor_pids()
+    deadline = time.monotonic() + 30
+    while set(_grpc_listeners(node)) != {"gateway-0", "gateway-1"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(_grpc_listeners(node)) == {"gateway-0", "gateway-1"}
+    os.kill(pids["gateway-0"], signal.SIGKILL)
+    for index in range(8):
+        ok(node, "put", f"spread{index}", "v")
+    while len(_grpc_listeners(node)["gateway-0"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_grpc_listeners(node)["gateway-0"]) == 2, node.log_tail()
+    for index in range(8, 16):
+        ok(node, "put", f"spread{index}", "v")
+    assert json.loads(ok(node, "get", "spread", "--prefix", "-w", "json"))["count"] == 16
+
+
+def _stub(node):
+    from protocol.etcd.etcdserverpb import rpc_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{node.client_port}")
+    return channel, rpc_pb2_grpc.KVStub(channel), rpc_pb2_grpc.MaintenanceStub(channel)
+
+
+def test_grpc_status_codes_headers_and_size_limit(node):
+    """Goal: what a non-etcdctl client sees: etcd's status codes, filled
+    headers, camelCase Status fields, and the request size limit.
+    Method: call the generated stubs directly."""
+    from protocol.etcd.etcdserverpb import rpc_pb2 as pb
+
+    channel, kv, maintenance = _stub(node)
+    with channel:
+        put = kv.Put(pb.PutRequest(key=b"a", value=b"1"), timeout=10)
+        assert put.header.revision == 2 and put.header.member_id and put.header.cluster_id and put.header.raft_term
+        status = maintenance.Status(pb.StatusRequest(), timeout=10)
+        assert status.header.member_id == put.header.member_id and status.leader == put.header.member_id
+        assert status.dbSize > 0 and status.raftAppliedIndex > 0 and status.version.startswith("3.4.0")
+        with pytest.raises(grpc.RpcError) as raised:
+            kv.Range(pb.RangeRequest(key=b""), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "etcdserver: key is not provided"
+        txn = pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=b"d", value=b"1")),
+                                     pb.RequestOp(request_put=pb.PutRequest(key=b"d", value=b"2"))])
+        with pytest.raises(grpc.RpcError) as raised:
+            kv.Txn(txn, timeout=10)
+        assert raised.value.details() == "etcdserver: duplicate key given in txn request"
+        # Over --max-request-bytes (1.5 MiB) but within gRPC's own limit: etcd's error.
+        with pytest.raises(grpc.RpcError) as raised:
+            kv.Put(pb.PutRequest(key=b"big", value=b"x" * (1536 * 1024 + 1)), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "etcdserver: request is too large"
+        compare = pb.Compare(key=b"a", target=pb.Compare.VALUE, result=pb.Compare.EQUAL, value=b"1")
+        response = kv.Txn(pb.TxnRequest(compare=[compare], success=[pb.RequestOp(request_range=pb.RangeRequest(key=b"a"))]),
+                          timeout=10)
+        assert response.succeeded and response.responses[0].response_range.kvs[0].value == b"1"
