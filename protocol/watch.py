@@ -294,6 +294,14 @@ class Watcher:
         self._deliver(body)
 
     def _on_progress(self, body: dict) -> None:
+        if self.watch_id is None:
+            # Our (re-)create is not answered yet, so this answer was given before
+            # the server had our watch: progress of a stream without it (requests
+            # queued while a broadcaster was down reach the restarted one first; a
+            # broadcaster that answers them does so at once, at its revision).
+            # Taken as ours, it would move the resume point past events not yet
+            # sent, and _deliver would drop them.
+            return
         self._deliver(body)
 
     def _deliver(self, body: dict) -> None:

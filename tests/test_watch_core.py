@@ -2,20 +2,26 @@
 `WatchRegistry` with an in-memory event history (the MVCC store's
 `events()` shape) and check what it queues per stream: created/canceled
 answers, ordering, no gaps or duplicates, atomic revisions, filters,
-prev_kv, compaction, slow streams, progress."""
+prev_kv, compaction, slow streams, progress. And the resuming client
+(protocol.watch.Watcher) against a scripted broadcaster: a registry behind a
+ROUTER the test drives request by request, so a restart is deterministic."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import zmq
 
 from actors.watch.core import (
     CANCEL_REASON_COMPACTED, PROGRESS_WATCH_ID, WatchRegistry,
 )
+from protocol import codec
+from protocol.client import Client
 from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
 from protocol.limits import Limits
+from protocol.watch import Watcher
 
 
 class History:
@@ -355,3 +361,153 @@ def test_progress_notify_interval_takes_go_durations():
     for bad in ("10", "10x", "0s", ""):
         with pytest.raises(ValueError):
             config.parse(["--watch-progress-notify-interval", bad])
+
+
+# ---- the resuming client against a scripted broadcaster ----------------------
+
+
+def _hello_only(endpoint: str) -> Client:
+    """Stands in for a protocol.client.Client whose hello names the watch endpoint."""
+
+    class HelloOnly(Client):
+        def __init__(self):  # no gateway connection
+            pass
+
+        def hello(self) -> dict:
+            return {"watch": endpoint}
+
+    return HelloOnly()
+
+
+class _ScriptedBroadcaster:
+    """A ROUTER in front of a WatchRegistry; the test decides which registry
+    (which broadcaster process, by its stream_epoch) each request reaches."""
+
+    def __init__(self, context: zmq.Context):
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def receive(self, count: int) -> list:
+        """The next `count` requests from clients, as (identity, [request_id, op, body])."""
+        requests = []
+        while len(requests) < count:
+            assert self.socket.poll(5000), f"only {len(requests)} of {count} requests arrived"
+            identity, frame = self.socket.recv_multipart()
+            requests += [(identity, item) for item in codec.decode_frame(frame, 1 << 24, 1 << 16)]
+        return requests
+
+    def serve(self, registry: WatchRegistry, history: History, requests: list) -> None:
+        """Submit the requests in order, pump, and send each stream its answers as one frame."""
+        for identity, (request_id, op, body) in requests:
+            registry.submit(identity, request_id, op, body)
+        for identity, responses in run(registry, history).items():
+            self.socket.send_multipart([identity, codec.encode_response_frame(responses)])
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def _drain(watcher, quiet_s: float = 0.3) -> list[dict]:
+    responses = []
+    while (response := watcher.get(timeout_s=quiet_s)) is not None:
+        responses.append(response)
+    return responses
+
+
+def test_progress_is_not_answered_on_a_stream_without_watches():
+    """etcd's rule: its revision would speak for no watch (see the client test below)."""
+    history = History()
+    for _ in range(3):
+        history.put(b"k")
+    registry = make(history)
+    registry.submit(b"s", 1, "watch_progress", {})
+    assert run(registry, history) == {}
+    # A stream that lost its watches (here: dropped as gone, then written to again).
+    create(registry, b"t", 2, b"k")
+    registry.submit(b"t", 3, "watch_progress", {})
+    assert [r[0] for r in run(registry, history)[b"t"]] == [2, 3]
+    registry.drop_stream(b"t")
+    registry.submit(b"t", 4, "watch_progress", {})
+    assert run(registry, history) == {}
+    # The requests are not kept for a watch created later either.
+    create(registry, b"t", 5, b"k")
+    registry.submit(b"t", 6, "watch_progress", {})
+    assert [r[0] for r in run(registry, history)[b"t"]] == [5, 6]
+
+
+def _progress_answer(request_id, revision: int, stream_epoch: int) -> list:
+    return [request_id, STATUS_OK, {"header": {"revision": revision}, "watch_id": PROGRESS_WATCH_ID,
+                                    "created": False, "canceled": False, "compact_revision": 0,
+                                    "cancel_reason": "", "fragment": False, "events": [],
+                                    "stream_epoch": stream_epoch}]
+
+
+@pytest.mark.parametrize("answered_by", ["old_rule", "registry"])
+def test_client_ignores_progress_answered_before_its_recreated_watch_existed(answered_by):
+    """Regression: a watch through a restarted broadcaster skipped a whole range
+    of revisions. The client's watch_progress requests sent while the
+    broadcaster was down are queued by ZeroMQ and reach the new broadcaster on
+    reconnect, before the client knows of the restart. The new broadcaster
+    answered them at once (the stream has no watch yet) with its current
+    revision, in one frame: the first answer's new stream_epoch made the client
+    re-create its watch from its last revision + 1, the next ones were taken as
+    progress of that watch, moving its resume point to the broadcaster's
+    revision; the replayed events were then dropped as already delivered.
+    "old_rule": a broadcaster that still answers (the client must ignore it);
+    "registry": the registry, which no longer answers on a watchless stream."""
+    context = zmq.Context()
+    broadcaster = _ScriptedBroadcaster(context)
+    history = History()
+    for _ in range(5):
+        history.put(b"k")
+    limits = Limits()
+    first = WatchRegistry(source=history, limits=limits, header=lambda r: {"revision": r}, stream_epoch=1)
+    watcher = Watcher(_hello_only(broadcaster.endpoint), b"k", start_revision=1, ping_interval_s=60,
+                      context=context)
+    try:
+        broadcaster.serve(first, history, broadcaster.receive(1))
+        delivered = [e["kv"]["mod_revision"] for r in _drain(watcher) for e in r["events"]]
+        assert delivered == [1, 2, 3, 4, 5] and watcher.revision == 5
+        # The broadcaster is killed; writes go on; the client asks for progress meanwhile.
+        for _ in range(5):
+            history.put(b"k")
+        watcher.request_progress()
+        watcher.request_progress()
+        queued = broadcaster.receive(2)
+        # The restarted broadcaster (another stream_epoch) gets the queued requests first.
+        second = WatchRegistry(source=history, limits=limits, header=lambda r: {"revision": r}, stream_epoch=2)
+        if answered_by == "old_rule":
+            identity = queued[0][0]
+            answers = [_progress_answer(request_id, 10, 2) for _identity, (request_id, _op, _body) in queued]
+            broadcaster.socket.send_multipart([identity, codec.encode_response_frame(answers)])
+            responses = _drain(watcher)
+        else:
+            broadcaster.serve(second, history, queued)
+            responses = _drain(watcher)
+            assert watcher.watch_id is not None  # nothing came: the client does not know of the restart yet
+            # Its ping (sent after ping_interval_s of silence) reaches the new
+            # broadcaster: the answer's epoch tells it.
+            watcher.ping_interval_s = 0.05
+            assert watcher.get(timeout_s=0.3) is None
+            watcher.ping_interval_s = 60
+            broadcaster.serve(second, history, broadcaster.receive(1))
+            responses += _drain(watcher)
+        recreate = broadcaster.receive(1)
+        (_identity, (_request_id, op, body)), = recreate
+        assert op == "watch_create" and body["start_revision"] == 6
+        broadcaster.serve(second, history, recreate)
+        responses += _drain(watcher)
+        delivered = []
+        for response in responses:
+            delivered += [e["kv"]["mod_revision"] for e in response["events"]]
+            # A header revision R means every event up to R was delivered by now.
+            assert delivered == list(range(6, min(response["header"]["revision"], 10) + 1)), \
+                (response["header"]["revision"], delivered)
+        assert delivered == [6, 7, 8, 9, 10]
+        assert watcher.revision == 10
+    finally:
+        watcher.close()
+        broadcaster.close()
+        context.destroy(linger=0)

@@ -348,8 +348,18 @@ class WatchRegistry:
     # ---- progress --------------------------------------------------------
 
     def _maybe_answer_progress(self, stream: Stream) -> None:
-        """Answer waiting watch_progress requests once every watch is synced (etcd 3.5's rule)."""
+        """Answer waiting watch_progress requests once every watch is synced (etcd 3.5's rule).
+
+        A stream without watches gets no answer (as etcd): its revision would
+        speak for no watch, and a client whose stream we lost (a restart of
+        ours, or a stream dropped as gone) sends its requests to a new, empty
+        stream; taken for its watch's progress, the answer would make it
+        resume past events it never got.
+        """
         if not stream.progress_waiting or stream.blocked:
+            return
+        if not stream.watches:
+            stream.progress_waiting = []
             return
         if any(not watch.synced for watch in stream.watches.values()):
             return
