@@ -163,11 +163,14 @@ def write_cluster_file(config: NodeConfig) -> None:
     record = {name: getattr(config, name) for name in _CLUSTER_FIELDS}
     record.update(member_id=f"{config.member_id():x}", cluster_id=f"{config.cluster_id():x}",
                   members={name: list(urls) for name, urls in config.cluster_members().items()})
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+    # Actors started together by supervisord may all write it at once (the same
+    # record): each through a temporary file of its own.
+    temporary = f"{path}.tmp.{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
     directory = os.open(config.data_dir, os.O_RDONLY)
     try:
         os.fsync(directory)

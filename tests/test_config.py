@@ -72,3 +72,27 @@ def test_member_and_cluster_ids_are_stable_and_distinct():
     assert a.member_id() == node_config.parse(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"],
                                               environ={}).member_id()
     assert node_config.NodeConfig.from_json(a.to_json()) == a
+
+
+def _write_cluster_files(data_dir: str, rounds: int) -> None:
+    config = node_config.NodeConfig(data_dir=data_dir)
+    for _ in range(rounds):
+        node_config.write_cluster_file(config)
+
+
+def test_concurrent_first_starts_write_the_cluster_file_safely(tmp_path):
+    """Goal: actors started together (supervisord) may all write cluster.json
+    at once without failing. Method: several processes write it in a loop."""
+    import json
+    import multiprocessing
+
+    data_dir = str(tmp_path / "node.qkv")
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_cluster_files, args=(data_dir, 200)) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=60)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0, 0]
+    with open(tmp_path / "node.qkv" / "cluster.json", encoding="utf-8") as handle:
+        assert json.load(handle)["member_id"] == f"{node_config.NodeConfig().member_id():x}"
