@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import time
 import urllib.parse
 
@@ -28,6 +27,7 @@ from actors.grpc_front import GrpcFront, GrpcOrigin
 from actors.lessor import min_ttl_s
 from actors.loop import ActorLoop
 from actors.mvcc import MvccStore
+from actors.snapshot_file import SnapshotFile
 from protocol import codec
 from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
@@ -60,22 +60,6 @@ def map_size_bytes(config: NodeConfig) -> int:
     return max(2 * config.effective_quota_bytes(), 4 << 30)
 
 
-class SnapshotStream:
-    def __init__(self, identity: bytes, request_id, path: str):
-        self.identity = identity
-        self.request_id = request_id
-        self.path = path
-        self.file = open(path, "rb")
-        self.remaining = os.path.getsize(path)
-
-    def close(self) -> None:
-        self.file.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
 class Gateway:
     def __init__(self, config: NodeConfig, index: int, log):
         self.config = config
@@ -92,7 +76,7 @@ class Gateway:
                                 min_lease_ttl_s=min_ttl_s(config.election_timeout_ms, config.heartbeat_interval_ms))
         self.core.local_handlers.update(hello=self._hello, snapshot=self._snapshot, defragment=self._defragment)
         self.auto_compactor = AutoCompactor(config.auto_compaction_mode, config.auto_compaction_retention)
-        self.snapshots: list[SnapshotStream] = []
+        self.snapshots: list[SnapshotFile] = []
         self.next_defrag_id = 1
         self.defrags: dict[int, object] = {}
         self.client = self._bind_client_socket()
@@ -265,24 +249,20 @@ class Gateway:
         self._emit(origin, STATUS_OK, body)
 
     def _snapshot(self, origin, _body: dict) -> None:
-        identity, request_id = origin
-        handle, path = tempfile.mkstemp(prefix="snapshot-", dir=ipc.run_dir(self.config.data_dir))
-        os.close(handle)
-        self.store.copy_to(path)
-        self.snapshots.append(SnapshotStream(identity, request_id, path))
-        self.log.info("snapshot stream started", bytes=os.path.getsize(path))
+        stream = SnapshotFile(self.store, self.config.data_dir, origin)
+        self.snapshots.append(stream)
+        self.log.info("snapshot stream started", bytes=stream.size)
 
     def pump_snapshots(self) -> None:
         for stream in list(self.snapshots):
+            identity, request_id = stream.origin
             for _ in range(SNAPSHOT_CHUNKS_PER_PUMP):
-                blob = stream.file.read(self.limits.snapshot_chunk_bytes)
-                stream.remaining -= len(blob)
-                done = stream.remaining <= 0
-                status = STATUS_OK if done else STATUS_PARTIAL
+                blob = stream.read_chunk(self.limits.snapshot_chunk_bytes)
+                status = STATUS_OK if stream.done else STATUS_PARTIAL
                 body = {"header": self.core.header(self.store.revision()), "blob": blob,
-                        "remaining_bytes": max(0, stream.remaining)}
-                frame = codec.encode_response_frame([[stream.request_id, status, body]])
-                if not self._send_to_client(stream.identity, frame) or done:
+                        "remaining_bytes": stream.remaining}
+                frame = codec.encode_response_frame([[request_id, status, body]])
+                if not self._send_to_client(identity, frame) or stream.done:
                     stream.close()
                     self.snapshots.remove(stream)
                     break

@@ -28,12 +28,10 @@ grpcio, and one larger than `--max-request-bytes` by the core, as etcd does.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import itertools
 import os
 import queue
 import re
-import tempfile
 import threading
 
 import grpc
@@ -41,6 +39,7 @@ import zmq
 
 from actors import ipc
 from actors.config import parse_url
+from actors.snapshot_file import SnapshotFile
 from protocol import codec
 from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
@@ -140,7 +139,7 @@ class GrpcFront:
         self.tokens = itertools.count(1)
         self.waiting: dict[int, queue.Queue] = {}
         self.thread_sockets = threading.local()
-        self.snapshots: list[_Snapshot] = []
+        self.snapshots: list[SnapshotFile] = []
         self.stopping = False
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="grpc"),
@@ -243,53 +242,29 @@ class GrpcFront:
     def _start_snapshot(self, origin: GrpcOrigin) -> None:
         if origin.token not in self.waiting:
             return
-        handle, path = tempfile.mkstemp(prefix="grpc-snapshot-", dir=ipc.run_dir(self.gateway.config.data_dir))
-        os.close(handle)
-        self.gateway.store.copy_to(path)
-        self.snapshots.append(_Snapshot(origin, path))
-        self.log.info("grpc snapshot stream started", bytes=os.path.getsize(path))
+        stream = SnapshotFile(self.gateway.store, self.gateway.config.data_dir, origin)
+        self.snapshots.append(stream)
+        self.log.info("grpc snapshot stream started", bytes=stream.size)
 
     def pump_snapshots(self) -> None:
         for stream in list(self.snapshots):
             answers = self.waiting.get(stream.origin.token)
-            for _ in range(SNAPSHOT_CHUNKS_PER_PUMP):
-                if answers is None:
-                    stream.done = True
-                    break
+            finished = answers is None  # the handler thread has gone
+            for _ in range(SNAPSHOT_CHUNKS_PER_PUMP if answers is not None else 0):
                 if answers.qsize() >= SNAPSHOT_QUEUED_CHUNKS_MAX:
                     break  # the reader is behind: hold the rest in the file
-                blob = stream.file.read(self.limits.snapshot_chunk_bytes)
-                stream.remaining -= len(blob)
-                stream.digest.update(blob)
+                blob = stream.read_chunk(self.limits.snapshot_chunk_bytes)
                 header = self.gateway.core.header(self.gateway.store.revision())
-                answers.put((STATUS_PARTIAL, {"header": header, "blob": blob,
-                                              "remaining_bytes": max(0, stream.remaining)}))
-                if stream.remaining <= 0:
+                answers.put((STATUS_PARTIAL, {"header": header, "blob": blob, "remaining_bytes": stream.remaining}))
+                if stream.done:
                     # As etcd: the stream ends with the SHA-256 of the snapshot,
                     # which etcdctl looks for (and `snapshot restore` checks).
                     answers.put((STATUS_OK, {"header": header, "blob": stream.digest.digest(), "remaining_bytes": 0}))
-                    stream.done = True
+                    finished = True
                     break
-            if stream.done:
+            if finished:
                 stream.close()
                 self.snapshots.remove(stream)
-
-
-class _Snapshot:
-    def __init__(self, origin: GrpcOrigin, path: str):
-        self.origin = origin
-        self.path = path
-        self.file = open(path, "rb")
-        self.remaining = os.path.getsize(path)
-        self.digest = hashlib.sha256()
-        self.done = False
-
-    def close(self) -> None:
-        self.file.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 def abort(context, error: QuorumError):
