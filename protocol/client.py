@@ -8,6 +8,11 @@ queued by `submit()`, packed many per frame when sent (the fast path), and
 replies are read only while a caller waits (`PendingRequest.result()`,
 `request_many()`, or any of the blocking helpers such as `get()`).
 
+A Client belongs to one thread at a time: a second thread that calls it
+while the first is inside it gets `ConcurrentUseError` at once (two threads on
+one ZeroMQ socket would corrupt it and lose answers silently). Give each
+thread its own Client.
+
 Request ids are per-client integers; a reply whose id is unknown (late,
 after a timeout, or duplicated) is ignored. A reply frame that cannot be
 decoded raises `MalformedFrameError` from the call that was reading, and a
@@ -37,6 +42,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -450,6 +456,10 @@ def normalise_endpoint(endpoint: str) -> str:
     return endpoint.rstrip("/")
 
 
+class ConcurrentUseError(RuntimeError):
+    """Two threads used one Client at the same time (see the module doc)."""
+
+
 class Client:
     """A connection to one quorumkv node (all of its gateway processes)."""
 
@@ -487,6 +497,9 @@ class Client:
         self._pending: dict[int, PendingRequest] = {}
         self._outbox: list[PendingRequest] = []
         self._closed = False
+        # Who is inside submit/flush/wait now (see _enter): misuse detection.
+        self._in_use = threading.Lock()
+        self._user: int | None = None
         self.server_info: dict | None = None
         for endpoint in self.endpoints:
             self._connect(endpoint)
@@ -527,11 +540,33 @@ class Client:
 
     # -- pipelining
 
+    def _enter(self) -> bool:
+        """Claim the client for this thread; True if this call must release it
+        (False when the thread is already inside: submit -> flush, wait -> flush)."""
+        if self._in_use.acquire(blocking=False):
+            self._user = threading.get_ident()
+            return True
+        if self._user == threading.get_ident():
+            return False
+        raise ConcurrentUseError("this Client is in use by another thread: give each thread its own Client")
+
+    def _leave(self) -> None:
+        self._user = None
+        self._in_use.release()
+
     def submit(self, op: str, body: dict | None = None, *,
                on_partial: Callable[[dict], None] | None = None) -> PendingRequest:
         """Queue a request; it is sent (packed with its neighbours) at the next wait or flush."""
         if self._closed:
             raise RuntimeError("client is closed")
+        release = self._enter()
+        try:
+            return self._submit(op, body, on_partial)
+        finally:
+            if release:
+                self._leave()
+
+    def _submit(self, op: str, body: dict | None, on_partial: Callable[[dict], None] | None) -> PendingRequest:
         body = {} if body is None else body
         while len(self._pending) + len(self._outbox) >= self.max_in_flight:
             self._pump()
@@ -539,11 +574,19 @@ class Client:
         request = PendingRequest(self, next(self._ids), op, body, 1 + retries, on_partial)
         self._outbox.append(request)
         if len(self._outbox) >= self.max_requests_per_frame:
-            self.flush()
+            self._flush()
         return request
 
     def flush(self) -> None:
         """Send every queued request, many per frame."""
+        release = self._enter()
+        try:
+            self._flush()
+        finally:
+            if release:
+                self._leave()
+
+    def _flush(self) -> None:
         while self._outbox:
             batch = self._outbox[: self.max_requests_per_frame]
             del self._outbox[: len(batch)]
@@ -564,10 +607,15 @@ class Client:
 
     def wait(self, requests: Iterable[PendingRequest]) -> None:
         """Read replies until every one of `requests` is done (answered, failed or timed out)."""
-        self.flush()
-        for request in requests:
-            while not request.done():
-                self._pump()
+        release = self._enter()
+        try:
+            self._flush()
+            for request in requests:
+                while not request.done():
+                    self._pump()
+        finally:
+            if release:
+                self._leave()
 
     def _pump(self) -> None:
         """One pass: expire, send what is queued, wait for replies up to the earliest deadline."""
@@ -576,7 +624,7 @@ class Client:
         now = time.monotonic()
         self._expire(now)
         if self._outbox:
-            self.flush()
+            self._flush()
             return
         if not self._pending:
             return

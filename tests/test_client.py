@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
+import zmq
 
 from protocol import messages
 from protocol.client import (
-    Client, Compare, CompactedError, DeadlineExceededError, EmptyKeyError, FutureRevError,
+    Client, Compare, CompactedError, ConcurrentUseError, DeadlineExceededError, EmptyKeyError, FutureRevError,
     LeaseNotFoundError, QuorumError, ValueProvidedError, ops,
 )
 
@@ -174,6 +176,39 @@ def test_no_server_is_a_prompt_deadline_error():
         Client([f"127.0.0.1:{port}"], timeout_s=0.3, read_retries=0)
     assert isinstance(caught.value, TimeoutError) and caught.value.code == "Timeout"
     assert time.monotonic() - started < 2.0
+
+
+def test_a_second_thread_inside_a_client_is_refused_not_corrupting_it():
+    """Goal: two threads in one Client (one ZeroMQ socket) would lose answers
+    silently; the second gets ConcurrentUseError at once instead, and the first
+    thread's call is unharmed. Method: a silent ROUTER as the server; thread A's
+    get is inside wait() once the ROUTER has its frame; the main thread calls in."""
+    context = zmq.Context.instance()
+    server = context.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    outcome: list = []
+    try:
+        with Client([f"127.0.0.1:{port}"], timeout_s=1.0, discover_gateways=False, read_retries=0) as client:
+            def first_thread():
+                try:
+                    client.get("k")
+                except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                    outcome.append(error)
+            thread = threading.Thread(target=first_thread)
+            thread.start()
+            assert server.poll(5000), "the first thread's request never arrived"
+            with pytest.raises(ConcurrentUseError):
+                client.get("k")
+            with pytest.raises(ConcurrentUseError):
+                client.submit("range", {"key": b"k"})
+            thread.join(10)
+            assert len(outcome) == 1 and isinstance(outcome[0], DeadlineExceededError)
+            # Free again once the first thread has left: sequential hand-over is fine.
+            with pytest.raises(DeadlineExceededError):
+                client.get("k")
+    finally:
+        server.close(linger=0)
 
 
 # ---------------------------------------------------------------------------

@@ -430,13 +430,14 @@ def test_quorumctl_lock_holds_until_signal_and_a_killed_holder_expires(node, ctl
     """Goal: `lock NAME` prints the key as etcdctl ("KEY\\n\\n"), holds until SIGTERM
     (exit 0, released), and a holder killed with SIGKILL loses the lock when its
     lease (--ttl) expires. Method: in-process waiters behind the CLI holders."""
-    with node.client() as client, Session(client, ttl=LONG_TTL_S) as session:
+    # The waiter's thread owns `client`; this thread reads through `reader`.
+    with node.client() as client, node.client() as reader, Session(client, ttl=LONG_TTL_S) as session:
         holder, output = ctl_process("lock", "cli-hold", "--ttl", "2")
         key = output.line()
         assert re.fullmatch(r"cli-hold/[0-9a-f]+", key) and output.line() == ""
         mutex = Mutex(session, "cli-hold")
         waiting = Background(mutex.lock, WAIT_S)
-        wait_for(lambda: queued(client, "cli-hold") == 2, 5, "the waiter to queue")
+        wait_for(lambda: queued(reader, "cli-hold") == 2, 5, "the waiter to queue")
         holder.send_signal(signal.SIGTERM)
         assert finish(holder) == (0, "")
         waiting.join(5)
@@ -446,20 +447,20 @@ def test_quorumctl_lock_holds_until_signal_and_a_killed_holder_expires(node, ctl
         key = output.line()
         assert output.line() == ""
         waiting = Background(mutex.lock, WAIT_S)
-        wait_for(lambda: queued(client, "cli-hold") == 2, 5, "the waiter to queue")
+        wait_for(lambda: queued(reader, "cli-hold") == 2, 5, "the waiter to queue")
         killed_at = time.monotonic()
         holder.kill()
         holder.wait(5)
         waiting.join(SHORT_TTL_S + EXPIRY_SLACK_S + 5)
         assert waiting.finished_at - killed_at <= SHORT_TTL_S + EXPIRY_SLACK_S
-        assert client.get(key)["kvs"] == []
+        assert reader.get(key)["kvs"] == []
 
         # Interrupted while still waiting: etcdctl's "context canceled", no key left.
         waiter, _ = ctl_process("lock", "cli-hold")
-        wait_for(lambda: queued(client, "cli-hold") == 2, 5, "the CLI waiter to queue")
+        wait_for(lambda: queued(reader, "cli-hold") == 2, 5, "the CLI waiter to queue")
         waiter.send_signal(signal.SIGINT)
         assert finish(waiter) == (1, "Error: context canceled\n")
-        assert queued(client, "cli-hold") == 1
+        assert queued(reader, "cli-hold") == 1
         mutex.unlock()
 
         # The holder's lease vanishes: it says so and exits 1.
