@@ -93,9 +93,11 @@ class GatewayCore:
     def submit(self, origin: object, op: object, body: object, size_bytes: int = 0) -> None:
         """Take one request; `size_bytes` is its encoded size (for batch bounds)."""
         try:
-            if size_bytes > self.limits.max_request_bytes:
-                raise QuorumError("RequestTooLarge")
             normalised = messages.validate_request(op, body, self.limits)
+            # As etcd, the bound is on what goes through the raft log: reads
+            # are bounded only by the transport (frame / gRPC message size).
+            if size_bytes > self.limits.max_request_bytes and messages.is_write(op, normalised):
+                raise QuorumError("RequestTooLarge")
             self._route(origin, op, normalised, size_bytes)
         except QuorumError as error:
             self.emit(origin, STATUS_ERROR, error.to_wire())

@@ -13,14 +13,27 @@ on the waiting thread's queue. The thread turns the answer dict into the
 protobuf response, or an error into etcd's gRPC status code and message
 (protocol/errors.py).
 
+Services: KV, Lease, Maintenance and Cluster map each RPC onto the core
+operation of the same meaning (Cluster's onto the `member_*` ops, Hash onto
+`hash`, MoveLeader onto `move_leader`). Watch is a translator onto the
+node's watch broadcaster (actors/grpc_watch.py); v3lock and v3election run
+the recipes through a native client of this gateway, as etcd's servers do
+through clientv3 (actors/grpc_recipes.py). Conversions between protobuf
+and our dicts, and errors to gRPC statuses, are in actors/grpc_messages.py.
+
 Streams: Snapshot is a stream of chunks pumped by the loop (at most
 `SNAPSHOT_QUEUED_CHUNKS_MAX` waiting per stream, so a slow reader holds a
-few MiB, not the whole snapshot), ending with the snapshot's SHA-256 as etcd's; LeaseKeepAlive is one core request per
-keep-alive the client sends, answered in order.
+few MiB, not the whole snapshot), ending with the snapshot's SHA-256 as
+etcd's; LeaseKeepAlive is one core request per keep-alive the client
+sends, answered in order.
 
 Threads and bounds: a handler thread has one request in flight at a time;
 `WORKER_THREADS` threads serve at most `CONCURRENT_RPCS_MAX` RPCs at once
-(grpcio refuses more with RESOURCE_EXHAUSTED); a request larger than
+(grpcio refuses more with RESOURCE_EXHAUSTED). Long-lived calls each hold a
+thread, so they are bounded apart (watch streams by `WATCH_STREAMS_MAX`,
+waiting Lock / Campaign / Observe calls by `RECIPE_WAITS_MAX`, beyond which
+they are refused with RESOURCE_EXHAUSTED) and the pool has room for them
+beside 64 threads of short calls. A request larger than
 `--max-request-bytes` plus etcd's 512 KiB of gRPC overhead is refused by
 grpcio, and one larger than `--max-request-bytes` by the core, as etcd does.
 """
@@ -31,21 +44,25 @@ import concurrent.futures
 import itertools
 import os
 import queue
-import re
 import threading
 
 import grpc
 import zmq
 
-from actors import ipc
 from actors.config import parse_url
+from actors.grpc_messages import abort, to_body, to_message
+from actors.grpc_recipes import RECIPE_WAITS_MAX, ElectionService, LockService, RecipeHandlers
+from actors.grpc_watch import WATCH_STREAMS_MAX, WatchService
 from actors.snapshot_file import SnapshotFile
 from protocol import codec
 from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
 from protocol.etcd.etcdserverpb import rpc_pb2 as pb, rpc_pb2_grpc as pb_grpc
+from protocol.etcd.v3electionpb import v3election_pb2_grpc as epb_grpc
+from protocol.etcd.v3lockpb import v3lock_pb2_grpc as lpb_grpc
 
-WORKER_THREADS = 64
+# Threads for short calls, plus one for every long-lived stream or wait allowed.
+WORKER_THREADS = 64 + WATCH_STREAMS_MAX + RECIPE_WAITS_MAX
 CONCURRENT_RPCS_MAX = 1024
 # etcd's grpcOverheadBytes: room for gRPC framing on top of --max-request-bytes.
 GRPC_OVERHEAD_BYTES = 512 * 1024
@@ -55,9 +72,6 @@ SNAPSHOT_CHUNKS_PER_PUMP = 4
 # How often a waiting handler thread checks that its client is still there.
 WAIT_POLL_S = 0.5
 
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
 class GrpcOrigin:
     """The `origin` of a request that came in over gRPC: its waiting queue's token."""
 
@@ -65,61 +79,6 @@ class GrpcOrigin:
 
     def __init__(self, token: int):
         self.token = token
-
-
-# ---- protobuf <-> request/response dicts ------------------------------------
-
-def to_body(message) -> dict:
-    """A protobuf request as our request dict (unset fields left to the schema's defaults)."""
-    body = {}
-    for field, value in message.ListFields():
-        if field.type == field.TYPE_MESSAGE:
-            value = [to_body(item) for item in value] if field.is_repeated else to_body(value)
-        elif field.is_repeated:
-            value = list(value)
-        body[field.name] = value
-    return body
-
-
-_FIELD_MAPS: dict = {}
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
-
-
-def _field_map(descriptor) -> dict:
-    """Our dict key -> protobuf field, for one message type (etcd's name and its snake_case)."""
-    fields = _FIELD_MAPS.get(descriptor)
-    if fields is None:
-        fields = {}
-        for field in descriptor.fields:
-            fields[_snake(field.name)] = field
-        for field in descriptor.fields:
-            fields[field.name] = field
-        _FIELD_MAPS[descriptor] = fields
-    return fields
-
-
-def _message_fields(descriptor, body: dict) -> dict:
-    """Keyword arguments for a message: etcd's names, nested messages as dicts, no None."""
-    fields = _field_map(descriptor)
-    out = {}
-    for name, value in body.items():
-        field = fields.get(name)
-        if field is None or value is None:
-            continue  # fields of quorumkv's own, or an absent optional message
-        if field.type == field.TYPE_MESSAGE and field.message_type.name != "KeyValue":
-            if field.is_repeated:
-                value = [_message_fields(field.message_type, item) for item in value]
-            else:
-                value = _message_fields(field.message_type, value)
-        out[field.name] = value
-    return out
-
-
-def to_message(message_class, body: dict):
-    return message_class(**_message_fields(message_class.DESCRIPTOR, body))
 
 
 # ---- the front ---------------------------------------------------------------
@@ -150,6 +109,11 @@ class GrpcFront:
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
         pb_grpc.add_LeaseServicer_to_server(LeaseService(self), self.server)
         pb_grpc.add_MaintenanceServicer_to_server(MaintenanceService(self), self.server)
+        pb_grpc.add_WatchServicer_to_server(WatchService(self), self.server)
+        pb_grpc.add_ClusterServicer_to_server(ClusterService(self), self.server)
+        recipes = RecipeHandlers(self)
+        lpb_grpc.add_LockServicer_to_server(LockService(recipes), self.server)
+        epb_grpc.add_ElectionServicer_to_server(ElectionService(recipes), self.server)
         self.addresses = []
         for url in gateway.config.listen_client_urls:
             host, port = parse_url(url)
@@ -267,10 +231,6 @@ class GrpcFront:
                 self.snapshots.remove(stream)
 
 
-def abort(context, error: QuorumError):
-    context.abort(_STATUS_CODES.get(error.grpc_status, grpc.StatusCode.UNKNOWN), error.message)
-
-
 # ---- services: protobuf in, core request, protobuf out --------------------------
 
 class KVService(pb_grpc.KVServicer):
@@ -337,16 +297,51 @@ class MaintenanceService(pb_grpc.MaintenanceServicer):
         return self._unary("hash_kv", to_body(request), pb.HashKVResponse, context)
 
     def Defragment(self, request, context):
-        return self._unary("defragment", {}, pb.DefragmentResponse, context)
+        self.front.call("defragment", {}, 0, context)
+        return pb.DefragmentResponse()  # etcd's carries no header
 
     def Alarm(self, request, context):
         body = to_body(request)
         if "memberID" in body:
             body["member_id"] = body.pop("memberID")
-        return self._unary("alarm", body, pb.AlarmResponse, context)
+        answer = self.front.call("alarm", body, 0, context)
+        answer.pop("header", None)  # etcd's carries no header
+        return to_message(pb.AlarmResponse, answer)
+
+    def Hash(self, request, context):
+        return self._unary("hash", {}, pb.HashResponse, context)
+
+    def MoveLeader(self, request, context):
+        return self._unary("move_leader", to_body(request), pb.MoveLeaderResponse, context)
 
     def Snapshot(self, request, context):
         for status, body in self.front.answers("snapshot", {}, 0, context):
             if status == STATUS_ERROR:
                 abort(context, QuorumError.from_wire(body))
             yield to_message(pb.SnapshotResponse, body)
+
+
+class ClusterService(pb_grpc.ClusterServicer):
+    """Membership: each call is the native op of the same name (etcd's fields as they are)."""
+
+    def __init__(self, front: GrpcFront):
+        self.front = front
+
+    def _unary(self, op: str, request, response_class, context):
+        body = self.front.call(op, to_body(request), request.ByteSize(), context)
+        return to_message(response_class, body)
+
+    def MemberAdd(self, request, context):
+        return self._unary("member_add", request, pb.MemberAddResponse, context)
+
+    def MemberRemove(self, request, context):
+        return self._unary("member_remove", request, pb.MemberRemoveResponse, context)
+
+    def MemberUpdate(self, request, context):
+        return self._unary("member_update", request, pb.MemberUpdateResponse, context)
+
+    def MemberList(self, request, context):
+        return self._unary("member_list", request, pb.MemberListResponse, context)
+
+    def MemberPromote(self, request, context):
+        return self._unary("member_promote", request, pb.MemberPromoteResponse, context)

@@ -346,7 +346,9 @@ class MvccReader:
                     continue
             crc = zlib.crc32(raw, zlib.crc32(raw_key, crc))
         # etcd reports compact revision -1 until the first compaction.
-        return {"header": {"revision": self.revision}, "hash": crc, "compact_revision": compact or -1}
+        never_compacted = self.backend.get("meta", META_COMPACT_REVISION) is None
+        return {"header": {"revision": self.revision}, "hash": crc,
+                "compact_revision": -1 if never_compacted else compact}
 
     def _prev_kv(self, key: bytes, revision: int, sub: int) -> dict | None:
         record = self._key_record(key)
@@ -683,7 +685,10 @@ class MvccWriter(MvccReader):
 
     def apply_compaction(self, body: dict) -> dict:
         revision = body["revision"]
-        if revision <= self.compact_revision:
+        # As etcd (compactMainRev starts at -1): a never-compacted store takes
+        # compaction 0 once; after any compaction, a revision at or below it is Compacted.
+        never_compacted = self.backend.get("meta", META_COMPACT_REVISION) is None
+        if revision <= self.compact_revision and not never_compacted:
             raise QuorumError("Compacted")
         if revision > self.revision:
             raise QuorumError("FutureRev")
