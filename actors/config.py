@@ -41,6 +41,7 @@ class NodeConfig:
     initial_cluster_state: str = "new"
     initial_cluster_token: str = "etcd-cluster"
     listen_zmq_urls: tuple[str, ...] = ()
+    listen_client_http_urls: tuple[str, ...] = ()  # etcd's JSON gateway; off unless given
     heartbeat_interval_ms: int = 100
     election_timeout_ms: int = 1000
     snapshot_count: int = 100_000
@@ -114,7 +115,7 @@ class NodeConfig:
             raise ValueError("--initial-cluster must list this member's --initial-advertise-peer-urls "
                              f"(as {self.name}={','.join(self.initial_advertise_peer_urls)})")
         self.zmq_url()
-        for url in self.listen_client_urls + self.listen_peer_urls:
+        for url in self.listen_client_urls + self.listen_peer_urls + self.listen_client_http_urls:
             parse_url(url)
 
     def to_json(self) -> str:
@@ -205,6 +206,8 @@ FLAGS: dict[str, tuple[str, object, str]] = {
     "name": ("name", str, "human-readable name for this member"),
     "data-dir": ("data_dir", str, "path to the data directory"),
     "listen-client-urls": ("listen_client_urls", _urls, "URLs to listen on for etcd gRPC client traffic"),
+    "listen-client-http-urls": ("listen_client_http_urls", _urls,
+                                "URLs to serve etcd's JSON gateway (/v3/... over HTTP) on (default: none)"),
     "advertise-client-urls": ("advertise_client_urls", _urls, "client URLs to advertise to the cluster"),
     "listen-peer-urls": ("listen_peer_urls", _urls, "URLs to listen on for peer traffic"),
     "initial-advertise-peer-urls": ("initial_advertise_peer_urls", _urls, "peer URLs to advertise"),

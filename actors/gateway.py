@@ -24,6 +24,7 @@ from actors.compactor import CHECK_INTERVAL_MS, AutoCompactor
 from actors.config import NodeConfig
 from actors.gateway_core import SERVER_VERSION, GatewayCore
 from actors.grpc_front import GrpcFront, GrpcOrigin
+from actors.http_gateway import HttpFront
 from actors.lessor import min_ttl_s
 from actors.loop import ActorLoop
 from actors.mvcc import MvccStore
@@ -338,10 +339,16 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_socket(gateway.grpc_front.socket, gateway.grpc_front.on_requests, multipart=False)
     loop.add_timer(SNAPSHOT_PUMP_MS, gateway.grpc_front.pump_snapshots)
     gateway.grpc_front.start()
+    # etcd's JSON gateway on --listen-client-http-urls, through the gRPC front's channel.
+    http_front = HttpFront(gateway.grpc_front, gateway, log) if config.listen_client_http_urls else None
+    if http_front is not None:
+        http_front.start()
     gateway.refresh_raft_status()
     try:
         reason = loop.run()
         log.info("gateway stopping", reason=reason)
     finally:
+        if http_front is not None:
+            http_front.stop()
         gateway.grpc_front.stop()
         gateway.close()
