@@ -86,6 +86,8 @@ AUTH_NOT_ENABLED = (errors.FAILED_PRECONDITION, "etcdserver: authentication is n
 
 # path -> (core op, etcd request message, etcd response message, stream?)
 UNARY, STREAM = False, True
+# etcd 3.4's AlarmResponse and DefragmentResponse carry no header (as the gRPC front's).
+HEADERLESS_OPS = frozenset({"alarm", "defragment"})
 ROUTES = {
     "/v3/kv/range": ("range", pb.RangeRequest, pb.RangeResponse, UNARY),
     "/v3/kv/put": ("put", pb.PutRequest, pb.PutResponse, UNARY),
@@ -453,6 +455,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise RequestError(errors.INVALID_ARGUMENT, "malformed JSON body: more than one object")
             message = to_request(request_class, values[0])
             answer = self.front.call(op, request_body(op, message), message.ByteSize())
+            if op in HEADERLESS_OPS:
+                answer = {key: value for key, value in answer.items() if key != "header"}
             self._send(200, to_json(to_message(response_class, answer)))
             return
         messages = [to_request(request_class, value) for value in values]
