@@ -11,6 +11,13 @@ the member it was proposed through); then every gateway hears
 how far the store got (APPLIED), and the raft log gets its acknowledgement
 (flow control and WAL release).
 
+A store copy received from the leader (a follower too far behind) arrives
+as INSTALL_SNAPSHOT once verified: the applier, between batches (so no
+apply is under way), installs it as a new store generation when it is
+ahead of the store (`MvccStore.install`: CURRENT is switched last), answers
+the raft log, subscribes again from the new applied index and broadcasts
+APPLIED with the new generation, on which readers reopen.
+
 Physical compaction runs in bounded steps between batches; a compaction
 request with `physical` is answered when its steps are done. Defragment
 runs here because it needs the writer.
@@ -69,7 +76,7 @@ class Applier:
         self.idle_periods = 0
         self.gateways_heard: set[bytes] = set()
         self.subscribed = False
-        self.handlers = {ipc.ENTRIES: self._on_entries}
+        self.handlers = {ipc.ENTRIES: self._on_entries, ipc.INSTALL_SNAPSHOT: self._on_install_snapshot}
 
     def subscribe(self) -> None:
         self.subscribed = True
@@ -126,6 +133,27 @@ class Applier:
         report = [ipc.APPLIED, applied_index, applied_index]
         self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
         self._send_results(results, term, physical)
+        self._broadcast_applied()
+
+    def _on_install_snapshot(self, message: list) -> None:
+        _kind, path, applied_index = message
+        current = self.store.applied_index()
+        if applied_index <= current:
+            self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False,
+                                       f"store already at applied index {current}"]))
+            return
+        try:
+            generation = self.store.install(path, applied_index)
+        except (OSError, ValueError) as error:
+            self.log.error("snapshot install failed", path=path, error=str(error)[:200])
+            self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False, str(error)[:200]]))
+            return
+        self.log.info("snapshot installed", applied_index=applied_index, previous_applied_index=current,
+                      generation=generation, revision=self.store.revision())
+        # Physical compactions waiting on the old store are moot: answer them.
+        self._answer_physical_compactions()
+        self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, True, generation]))
+        self.subscribe()
         self._broadcast_applied()
 
     def _send_results(self, results: list, term: int, physical: set) -> None:

@@ -45,6 +45,7 @@ class NodeConfig:
     heartbeat_interval_ms: int = 100
     election_timeout_ms: int = 1000
     snapshot_count: int = 100_000
+    snapshot_catchup_entries: int = DEFAULT_LIMITS.snapshot_catchup_entries
     quota_backend_bytes: int = 0  # 0 = Limits.default_quota_backend_bytes, as etcd
     max_request_bytes: int = DEFAULT_LIMITS.max_request_bytes
     max_txn_ops: int = DEFAULT_LIMITS.max_txn_ops
@@ -57,7 +58,8 @@ class NodeConfig:
 
     # Derived, not flags.
     def limits(self) -> Limits:
-        return Limits(max_request_bytes=self.max_request_bytes, max_txn_ops=self.max_txn_ops)
+        return Limits(max_request_bytes=self.max_request_bytes, max_txn_ops=self.max_txn_ops,
+                      snapshot_catchup_entries=self.snapshot_catchup_entries)
 
     def effective_quota_bytes(self) -> int:
         return self.quota_backend_bytes or DEFAULT_LIMITS.default_quota_backend_bytes
@@ -218,6 +220,8 @@ FLAGS: dict[str, tuple[str, object, str]] = {
     "heartbeat-interval": ("heartbeat_interval_ms", int, "time (ms) of a heartbeat interval"),
     "election-timeout": ("election_timeout_ms", int, "time (ms) for an election to timeout"),
     "snapshot-count": ("snapshot_count", int, "number of committed entries that trigger a snapshot"),
+    "experimental-snapshot-catchup-entries": ("snapshot_catchup_entries", int,
+                                              "entries kept after a snapshot for slow followers to catch up"),
     "quota-backend-bytes": ("quota_backend_bytes", int, "raise an alarm when the backend size exceeds this"),
     "max-request-bytes": ("max_request_bytes", int, "maximum client request size in bytes"),
     "max-txn-ops": ("max_txn_ops", int, "maximum number of operations in a txn"),

@@ -52,6 +52,13 @@ applier -> raft log
       a lease_revoke (applied, or the lease was already gone). The leader's
       lessor follows the store with them.
 raft log -> applier
+  [INSTALL_SNAPSHOT, path, applied_index]
+      A verified store copy received from the leader (actors/snapshot_stream.py):
+      install it as a new store generation if it is ahead of the store.
+      Answered [SNAPSHOT_INSTALLED, applied_index, ok, generation_or_reason],
+      then (when ok) a SUBSCRIBE from the new applied index and an APPLIED
+      broadcast naming the new generation (gateways and the watch
+      broadcaster reopen).
   [ENTRIES, [[index, term, entry_type, data], ...]]
       Committed entries in order, with no gaps. For ENTRY_NORMAL, data is
       msgpack [member_id, gateway_identity, [[gw_request_id, op, body], ...]]:
@@ -92,6 +99,8 @@ DEFRAGMENT = "defragment"
 RESULTS = "results"
 LEASE_REQUEST = "lease_request"
 LEASE_REPLY = "lease_reply"
+INSTALL_SNAPSHOT = "install_snapshot"
+SNAPSHOT_INSTALLED = "snapshot_installed"
 
 ENTRY_NORMAL = 0
 ENTRY_EMPTY = 1

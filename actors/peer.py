@@ -27,6 +27,11 @@ Wire format (one ZeroMQ frame, msgpack):
   - ["lease_request", gateway_identity, items] / ["lease_reply",
     gateway_identity, replies]: keep-alive and time-to-live, answered by
     the leader's lessor (ipc.LEASE_REQUEST / LEASE_REPLY items).
+  - ["snap_chunk", header, offset, data] / ["snap_ack", transfer_id,
+    received_bytes] / ["snap_result", transfer_id, ok, reason]: a snapshot
+    transfer (actors/snapshot_transfer.py, actors/snapshot_stream.py). A
+    bare MsgSnap among the raft messages is dropped: only the actor steps
+    one, once its store is installed.
 
 Stale, duplicated and reordered frames (ZeroMQ replays queued frames after a
 partition heals or a peer restarts) are normal input: the Raft core ignores

@@ -35,6 +35,15 @@ reads: an answer for an unknown sequence (a replayed stale message) is
 dropped, and a read not answered within READ_INDEX_TIMEOUT election timeouts
 (its leader died) is answered READ_INDEX_FAILED Timeout.
 
+Snapshots (actors/snapshot_stream.py): a MsgSnap from the core is not sent
+as is; the store is copied and streamed to the follower in chunks, and the
+end of the transfer is reported back to the core. On a follower a received,
+verified copy is installed by the applier first; then the MsgSnap is
+stepped into the core, and a Ready.snapshot is persisted before anything
+else of its Ready (WAL reset to the snapshot). At start, a store ahead of
+the WAL (a crash between the two) finishes the reset
+(`finish_interrupted_install`).
+
 Leases: the actor owns the node's lessor (actors.lessor), because it is the
 one actor that knows leadership. On becoming leader it promotes the lessor
 once the applier has applied the new term's first entry (so the store holds
@@ -49,6 +58,7 @@ time-to-live) are answered from the lessor.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import random
 import time
@@ -62,10 +72,11 @@ from actors.peer import FAULTS_CHECK_MS, PeerTransport
 from actors.lessor import Lessor, seconds_truncated
 from actors.loop import ActorLoop
 from actors.raft import (
-    NONE, ROLE_LEADER, ConfState, Config, Entry, HardState, MemoryStorage, ProposalDropped, RawNode, ReadIndexDropped,
-    SnapshotMeta,
+    NONE, ROLE_LEADER, ConfState, Config, Entry, HardState, MemoryStorage, MsgSnap, ProposalDropped, RawNode,
+    ReadIndexDropped, SnapshotMeta,
 )
-from actors.wal import Wal
+from actors.snapshot_stream import SnapshotStreams, open_store_read_only
+from actors.wal import HardState as WalHardState, Wal
 from protocol import codec
 from protocol.errors import QuorumError
 
@@ -79,6 +90,8 @@ STORE_IDLE_CLOSE_MS = 1000
 # A read waiting for its read index longer than this many election timeouts
 # is failed (its leader is gone or cut off).
 READ_INDEX_TIMEOUT_ELECTIONS = 2
+# How often snapshot transfers are looked after (copies done, stalls, resends).
+SNAPSHOT_POLL_MS = 20
 
 
 class MalformedMessage(ValueError):
@@ -120,6 +133,9 @@ class RaftLogActor:
             "propose_failed": self.take_proposal_failure,
             "lease_request": self.take_forwarded_lease_requests,
             "lease_reply": self.take_lease_replies,
+            "snap_chunk": self.take_snapshot_message,
+            "snap_ack": self.take_snapshot_message,
+            "snap_result": self.take_snapshot_message,
         }
         self.handlers = {
             ipc.PROPOSE: self.on_propose,
@@ -128,6 +144,7 @@ class RaftLogActor:
             ipc.SUBSCRIBE: self.on_subscribe,
             ipc.APPLIED: self.on_applied,
             ipc.LEASE_REQUEST: self.on_lease_request,
+            ipc.SNAPSHOT_INSTALLED: self.on_snapshot_installed,
         }
         # Applier delivery state.
         self.subscribed = False
@@ -158,6 +175,10 @@ class RaftLogActor:
         self.next_lessor_request_id = 1
         self.store = None
         self.store_used_ms = 0.0
+        self.snapshots = None
+        if transport is not None:
+            self.snapshots = SnapshotStreams(config, log, transport, lambda message: self.reply(
+                ipc.APPLIER_IDENTITY, message), clock_ms)
 
     # ---- inputs ---------------------------------------------------------------
 
@@ -302,10 +323,17 @@ class RaftLogActor:
 
     def process_ready(self) -> None:
         node = self.node
+        if self.snapshots is not None:
+            for peer, failed in self.snapshots.take_reports():
+                node.report_snapshot(peer, failed)
+            for message in self.snapshots.take_steps():
+                node.step(message)
         for _ in range(_READY_CYCLES_PER_PASS):
             if not node.has_ready():
                 break
             ready = node.ready()
+            if ready.snapshot is not None:
+                self.persist_snapshot(ready)  # before anything else of the Ready
             if ready.soft_state is not None:
                 self.log.info("raft role changed", role=ready.soft_state.role, leader=ready.soft_state.lead,
                               term=node.raft.term)
@@ -333,14 +361,48 @@ class RaftLogActor:
             self.transport.flush()  # one frame per peer for the whole pass
         self.deliver()
 
+    def persist_snapshot(self, ready) -> None:
+        """The core reset its log to a snapshot whose store the applier has
+        installed: the WAL restarts at it (synced before anything else)."""
+        snapshot = ready.snapshot
+        hard = ready.hard_state or self.node.raft.hard_state()
+        self.wal.reset_to_snapshot(snapshot.index, snapshot.term, conf_state_wire(snapshot.conf_state),
+                                   WalHardState(hard.term, hard.vote, hard.commit))
+        self.fsync_count += 1
+        self.bytes_since_snapshot = 0
+        self.next_delivery_index = max(self.next_delivery_index, snapshot.index + 1)
+        self.log.info("raft log reset to an installed snapshot", index=snapshot.index, term=snapshot.term)
+
     def send_peer_messages(self, messages: list) -> None:
         """Queue the Ready's messages for the peers (sent by flush() at the end
-        of the pass, after every fsync of the pass)."""
+        of the pass, after every fsync of the pass). A MsgSnap starts a
+        snapshot transfer instead (actors/snapshot_stream.py)."""
         if self.transport is None:
             self.peer_messages_dropped += len(messages)
             return
         for message in messages:
-            self.transport.queue_message(message)
+            if isinstance(message, MsgSnap):
+                self.snapshots.start(message)
+            else:
+                self.transport.queue_message(message)
+
+    def take_snapshot_message(self, sender: int, forward: list) -> None:
+        self.snapshots.on_forward(sender, forward)
+
+    def on_snapshot_installed(self, identity: bytes, message: list, _payload: bytes) -> None:
+        if identity != ipc.APPLIER_IDENTITY or len(message) != 4 or type(message[1]) is not int:
+            raise MalformedMessage("SNAPSHOT_INSTALLED wants [snapshot_installed, index, ok, detail] from the applier")
+        _kind, index, ok, detail = message
+        if ok is True:
+            # The store jumped to `index`: nothing at or below it is delivered again.
+            self.next_delivery_index = max(self.next_delivery_index, index + 1)
+        if self.snapshots is not None:
+            self.snapshots.on_installed(index, ok is True, detail)
+
+    def on_snapshot_tick(self) -> None:
+        if self.snapshots.busy():
+            self.snapshots.poll(self.is_leader)
+            self.process_ready()
 
     # ---- peers ------------------------------------------------------------------
 
@@ -351,6 +413,11 @@ class RaftLogActor:
                 continue
             sender, messages, forwards = decoded
             for message in messages:
+                if isinstance(message, MsgSnap):
+                    # Only a snapshot whose store is installed may reach the core
+                    # (snapshot_stream steps it); a bare one would reset the log alone.
+                    self.log.warning("bare MsgSnap from a peer dropped", sender=f"{sender:x}")
+                    continue
                 self.node.step(message)
             for forward in forwards:
                 handler = self.forward_handlers.get(forward[0]) if isinstance(forward, list) and forward else None
@@ -646,6 +713,42 @@ class RaftLogActor:
                       first_index=self.storage.first_index())
 
 
+def conf_state_wire(conf_state) -> dict:
+    """A ConfState as the WAL marker stores it: every field, passed through."""
+    return {field.name: list(getattr(conf_state, field.name)) for field in dataclasses.fields(conf_state)}
+
+
+def finish_interrupted_install(config: NodeConfig, wal: Wal, recovery, log):
+    """A store ahead of the WAL (a snapshot installed, then a crash before the
+    WAL reset was synced) gets the WAL reset it missed; (wal, recovery)."""
+    try:
+        store = open_store_read_only(config)
+    except FileNotFoundError:
+        return wal, recovery
+    try:
+        status = store.status()
+    finally:
+        store.close()
+    applied, applied_term = status["raft_applied_index"], status["raft_term"]
+    entries = recovery.entries
+    wal_term = None
+    if entries and entries[0][0] <= applied <= entries[-1][0]:
+        wal_term = entries[applied - entries[0][0]][1]
+    elif applied == recovery.snapshot.index:
+        wal_term = recovery.snapshot.term
+    if applied == 0 or wal_term == applied_term or (entries and applied < entries[0][0]) \
+            or applied < recovery.snapshot.index:
+        return wal, recovery  # the WAL holds (or has compacted) the store's last entry
+    hard = recovery.hard_state
+    term = max(hard.term, applied_term)
+    log.warning("store ahead of the raft log (a snapshot install was interrupted): resetting the log to it",
+                applied_index=applied, applied_term=applied_term, wal_last_index=recovery.last_index)
+    wal.reset_to_snapshot(applied, applied_term, recovery.snapshot.conf_state,
+                          WalHardState(term, hard.vote if term == hard.term else 0, applied))
+    wal.close()
+    return Wal.open(wal.directory, config.limits().wal_segment_bytes, log=log)
+
+
 def bind_socket(context: zmq.Context, config: NodeConfig) -> zmq.Socket:
     limits = config.limits()
     directory = ipc.run_dir(config.data_dir)
@@ -668,6 +771,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     limits = config.limits()
     limits.validate()
     wal, recovery = Wal.open(os.path.join(config.data_dir, "wal"), limits.wal_segment_bytes, log=log)
+    wal, recovery = finish_interrupted_install(config, wal, recovery, log)
     rng = random.Random(config.seed or config.member_id())
     node, storage = build_node(config, recovery, rng)
     log.info("raft log recovered", last_index=recovery.last_index, term=recovery.hard_state.term,
@@ -682,7 +786,7 @@ def run(config: NodeConfig, index: int, log) -> None:
                  peers={f"{peer:x}": transport.names[peer] for peer in transport.peers})
     actor = RaftLogActor(config, log, socket, wal, node, storage, transport=transport)
     assert set(actor.handlers) == {ipc.PROPOSE, ipc.READ_INDEX, ipc.RAFT_STATUS, ipc.SUBSCRIBE, ipc.APPLIED,
-                                   ipc.LEASE_REQUEST}
+                                   ipc.LEASE_REQUEST, ipc.SNAPSHOT_INSTALLED}
     loop = ActorLoop(log, limits.max_messages_per_poll, parent_pid=os.getppid())
     loop.add_socket(socket, actor.on_batch, multipart=True)
     loop.add_timer(config.heartbeat_interval_ms, actor.on_tick)
@@ -690,6 +794,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     if transport is not None:
         loop.add_socket(transport.router, actor.on_peer_batch, multipart=True)
         loop.add_timer(FAULTS_CHECK_MS, actor.on_peer_tick)
+        loop.add_timer(SNAPSHOT_POLL_MS, actor.on_snapshot_tick)
     else:
         loop.add_timer(FAULTS_CHECK_MS, actor.expire_pending_reads)
     actor.process_ready()
@@ -701,6 +806,8 @@ def run(config: NodeConfig, index: int, log) -> None:
         if actor.store is not None:
             actor.store.close()
         wal.close()
+        if actor.snapshots is not None:
+            actor.snapshots.close()
         if transport is not None:
             transport.close()
         socket.close(0)

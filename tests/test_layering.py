@@ -22,6 +22,7 @@ PURE_MODULES = [
     "actors/lessor.py",
     "actors/compactor.py",
     "actors/watch/core.py",
+    "actors/snapshot_transfer.py",
     *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "actors/raft/*.py"))),
 ]
 

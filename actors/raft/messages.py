@@ -183,9 +183,12 @@ class MsgReadIndexResp(Message):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class MsgSnap(Message):
-    """Leader -> follower: install a snapshot (§7). HOOK ONLY: transfer of the
-    LMDB store is a later issue; the core never sends it yet and a follower
-    that receives one ignores it."""
+    """Leader -> follower: install a snapshot (§7). The core sends its
+    snapshot marker when a follower needs compacted entries; the actor
+    streams the state machine's data (actors/snapshot_transfer.py) and steps
+    the MsgSnap of what it streamed into the follower's core once the data
+    is installed. The follower answers MsgAppResp at the snapshot's index
+    (or its commit index when the snapshot is not newer than its log)."""
 
     snapshot: SnapshotMeta
 

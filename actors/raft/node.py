@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from actors.raft.messages import Entry, HardState, Message, ReadState, SoftState
+from actors.raft.messages import Entry, HardState, Message, ReadState, SnapshotMeta, SoftState
 from actors.raft.raft import Config, Raft
 from actors.raft.storage import MemoryStorage
 
@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # the RNG is passed in; the core never imports the module at 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ready:
+    # A snapshot the log was reset to (a follower sent a newer snapshot than
+    # its log). The caller must have installed its data in the state machine
+    # and must persist it (snapshot marker, log reset) BEFORE everything else
+    # of this Ready; None = no snapshot.
+    snapshot: SnapshotMeta | None
     # Changed term/vote/commit (None = unchanged). Must be saved to stable
     # storage BEFORE any of `messages` is sent.
     hard_state: HardState | None
@@ -52,7 +57,7 @@ class Ready:
         """Whether this Ready needs an fsync before its messages go out: new
         entries, or a changed term or vote. A commit-index-only change need not
         be synced (the commit index is recovered from peers/leadership)."""
-        if self.entries:
+        if self.entries or self.snapshot is not None:
             return True
         if self.hard_state is None:
             return False
@@ -89,6 +94,11 @@ class RawNode:
         """Raises ReadIndexDropped when no leader is known."""
         self.raft.read_index(context)
 
+    def report_snapshot(self, to: int, failed: bool) -> None:
+        """Leader: the snapshot transfer to `to` ended (etcd's ReportSnapshot);
+        a failed one sends the follower back to probing, to be retried."""
+        self.raft.report_snapshot(to, failed)
+
     # ---- the Ready contract -------------------------------------------------------
 
     def has_ready(self) -> bool:
@@ -96,6 +106,7 @@ class RawNode:
         raft.flush()
         return bool(
             raft.messages or raft.read_states or raft.dropped_reads or raft.log.unstable.entries
+            or raft.log.unstable.snapshot is not None
             or raft.log.has_next_committed_entries() or raft.hard_state() != self.previous_hard_state
             or raft.soft_state() != self.previous_soft_state
         )
@@ -107,6 +118,7 @@ class RawNode:
         hard_state = raft.hard_state()
         soft_state = raft.soft_state()
         ready = Ready(
+            snapshot=raft.log.unstable.snapshot,
             hard_state=hard_state if hard_state != self.previous_hard_state else None,
             entries=list(raft.log.unstable.entries),
             messages=raft.messages,
@@ -133,6 +145,9 @@ class RawNode:
             self.storage.set_hard_state(ready.hard_state)
         if ready.soft_state is not None:
             self.previous_soft_state = ready.soft_state
+        if ready.snapshot is not None:
+            self.storage.apply_snapshot(ready.snapshot)
+            raft.log.snapshot_installed(ready.snapshot)
         if ready.entries:
             last = ready.entries[-1]
             self.storage.append(ready.entries)

@@ -33,7 +33,7 @@ from actors.raft.messages import (
     MsgVoteResp, ReadState, SoftState, MESSAGE_TYPES,
 )
 from actors.raft.storage import Storage
-from actors.raft.tracker import STATE_PROBE, STATE_REPLICATE, Progress
+from actors.raft.tracker import STATE_PROBE, STATE_REPLICATE, STATE_SNAPSHOT, Progress
 
 if TYPE_CHECKING:  # the RNG is passed in; the core never imports the module at run time
     import random
@@ -360,9 +360,7 @@ class Raft:
         except Compacted:
             entries = None
         if previous_term is None or entries is None:
-            # The follower needs entries we compacted: snapshot transfer is a later issue.
-            progress.become_snapshot(self.log.storage.snapshot().index)
-            return False
+            return self.maybe_send_snapshot(to, progress)
         if not entries and not send_if_empty:
             return False
         self.send(MsgApp(to=to, sender=self.id, term=self.term, log_term=previous_term, index=previous_index,
@@ -372,6 +370,31 @@ class Raft:
         elif progress.state == STATE_PROBE:
             progress.probe_sent = True
         return True
+
+    def maybe_send_snapshot(self, to: int, progress: Progress) -> bool:
+        """The follower needs entries we compacted: send our snapshot marker as
+        MsgSnap (§7). The caller streams the state machine's data with it and
+        reports the outcome (report_snapshot); until then appends are held."""
+        if not progress.recent_active:
+            return False  # it may be down: wait until it answers (etcd)
+        snapshot = self.log.storage.snapshot()
+        assert snapshot.index > 0, "entries compacted without a snapshot marker"
+        progress.become_snapshot(snapshot.index)
+        self.send(MsgSnap(to=to, sender=self.id, term=self.term, snapshot=snapshot))
+        return True
+
+    def report_snapshot(self, to: int, failed: bool) -> None:
+        """The caller's transfer to `to` ended. Either way the follower goes
+        back to probing (paused until it answers): after a success the probe
+        starts after the snapshot; after a failure the next probe finds the
+        entries compacted again and a new MsgSnap retries the transfer."""
+        progress = self.progress.get(to)
+        if self.role != ROLE_LEADER or progress is None or progress.state != STATE_SNAPSHOT:
+            return
+        if failed:
+            progress.pending_snapshot = 0
+        progress.become_probe()
+        progress.probe_sent = True
 
     def broadcast_heartbeat(self, context: int) -> None:
         for voter in self.voters:
@@ -464,7 +487,7 @@ class Raft:
         elif isinstance(message, MsgSnap):
             self.election_elapsed = 0
             self.lead = message.sender
-            # Hook: snapshot installation is a later issue.
+            self.handle_snapshot(message)
 
     def step_candidate(self, message: Message) -> None:
         wanted = MsgPreVoteResp if self.role == ROLE_PRE_CANDIDATE else MsgVoteResp
@@ -509,6 +532,27 @@ class Raft:
         self.send(MsgAppResp(to=message.sender, sender=self.id, term=self.term, index=message.index,
                              reject=True, reject_hint=hint_index, log_term=hint_term))
 
+    def handle_snapshot(self, message: MsgSnap) -> None:
+        """§7 InstallSnapshot, as etcd: a snapshot newer than our log resets the
+        log to it (Ready.snapshot) and we answer at its index; an older one (or
+        one our log already holds) is answered with our commit index."""
+        if self.restore(message.snapshot):
+            self.send(MsgAppResp(to=message.sender, sender=self.id, term=self.term, index=self.log.last_index()))
+        else:
+            self.send(MsgAppResp(to=message.sender, sender=self.id, term=self.term, index=self.log.committed))
+
+    def restore(self, snapshot) -> bool:
+        if snapshot.index <= self.log.committed:
+            return False
+        if self.log.match_term(snapshot.index, snapshot.term):
+            # Our log has the snapshot's last entry: only the commit index moves.
+            self.log.commit_to(snapshot.index)
+            return False
+        # The configuration travels in snapshot.conf_state, opaque here
+        # (membership changes adopt it).
+        self.log.restore(snapshot)
+        return True
+
     def handle_heartbeat(self, message: MsgHeartbeat) -> None:
         self.log.commit_to(min(message.commit, self.log.last_index()))
         self.send(MsgHeartbeatResp(to=message.sender, sender=self.id, term=self.term, context=message.context))
@@ -530,6 +574,11 @@ class Raft:
         if not progress.maybe_update(message.index):
             return
         if progress.state == STATE_PROBE:
+            progress.become_replicate()
+        elif progress.state == STATE_SNAPSHOT and progress.match + 1 >= self.log.first_index():
+            # The follower installed a snapshot (ours, or a newer one) and the
+            # log from there is ours to send: replicate again.
+            progress.become_probe()
             progress.become_replicate()
         elif progress.state == STATE_REPLICATE:
             progress.inflights.free_le(message.index)
