@@ -26,7 +26,9 @@ from actors import ipc
 from actors.config import NodeConfig
 from actors.gateway import map_size_bytes, store_dir
 from actors.loop import ActorLoop
+from actors.members import MemberTable, initial_table, unpack_context
 from actors.mvcc import MvccStore
+from actors.raft import ConfChange
 from protocol import codec
 from protocol.errors import QuorumError
 
@@ -52,6 +54,8 @@ class Applier:
         self.cluster_id = config.cluster_id()
         self.gateway_identities = [ipc.gateway_identity(i) for i in range(config.gateway_count())]
         self.store = open_writer(config)
+        stored_members = self.store.member_table()
+        self.members = MemberTable.from_wire(stored_members) if stored_members else initial_table(config)
         self.context = zmq.Context()
         self.raft = self.context.socket(zmq.DEALER)
         self.raft.setsockopt(zmq.ROUTING_ID, ipc.APPLIER_IDENTITY)
@@ -114,6 +118,8 @@ class Applier:
                     gateway = None  # proposed through another member: its applier answers
                 requests = [((gateway, request_id), op, body) for request_id, op, body in items]
                 physical.update(tag for tag, op, body in requests if op == "compaction" and body["physical"])
+            elif entry_type == ipc.ENTRY_CONF_CHANGE:
+                requests = self._member_table_write(index, data)
             entries.append((index, term, requests))
         if not entries:
             return
@@ -127,6 +133,18 @@ class Applier:
         self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
         self._send_results(results, term, physical)
         self._broadcast_applied()
+
+    def _member_table_write(self, index: int, data: bytes) -> list:
+        """The store write of the member table a conf-change entry produces
+        (nothing for a change the table already holds: a redelivery)."""
+        if index <= self.members.conf_index:
+            return []
+        change = ConfChange.from_wire(codec.unpack(data))
+        member, _origin = unpack_context(change.context)
+        self.members.apply_change(change.kind, change.node_id, member, index)
+        self.log.info("member table changed", change=change.kind, member_id=f"{change.node_id:x}",
+                      members=len(self.members.members), index=index)
+        return [((None, 0), "member_table", self.members.to_wire())]
 
     def _send_results(self, results: list, term: int, physical: set) -> None:
         by_gateway: dict[bytes, list] = {}

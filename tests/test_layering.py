@@ -20,6 +20,7 @@ PURE_MODULES = [
     "protocol/errors.py",
     "actors/mvcc/core.py",
     "actors/lessor.py",
+    "actors/members.py",
     "actors/compactor.py",
     "actors/watch/core.py",
     *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "actors/raft/*.py"))),
