@@ -83,9 +83,11 @@ class NodeConfig:
         return member_id_for(self.initial_advertise_peer_urls, self.initial_cluster_token)
 
     def cluster_id(self) -> int:
-        ids = sorted(member_id_for(urls, self.initial_cluster_token) for urls in self.cluster_members().values())
-        digest = hashlib.sha1(b"".join(i.to_bytes(8, "big") for i in ids)).digest()
-        return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+        # From the cluster token alone (etcd: from the initial members' IDs), so
+        # a member that joins later (--initial-cluster-state existing, with an
+        # --initial-cluster that lists itself) computes the same cluster ID.
+        digest = hashlib.sha1(b"quorumkv-cluster-id:" + self.initial_cluster_token.encode()).digest()
+        return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1) or 1
 
     def zmq_url(self) -> tuple[str, int]:
         """(host, port) the first gateway binds for the ZeroMQ client protocol."""
@@ -131,7 +133,7 @@ class NodeConfig:
 
 # The membership a data dir was created with (see with_stored_cluster).
 CLUSTER_FILE = "cluster.json"
-_CLUSTER_FIELDS = ("initial_cluster", "initial_cluster_token", "initial_advertise_peer_urls")
+_CLUSTER_FIELDS = ("initial_cluster", "initial_cluster_token", "initial_advertise_peer_urls", "initial_cluster_state")
 
 
 def with_stored_cluster(config: NodeConfig, log=None) -> NodeConfig:
@@ -149,6 +151,8 @@ def with_stored_cluster(config: NodeConfig, log=None) -> NodeConfig:
     except FileNotFoundError:
         stored = None
     if stored is not None:
+        # A file from before a field was kept: the flag's value for it.
+        stored = {name: stored.get(name, getattr(config, name)) for name in _CLUSTER_FIELDS}
         fields = {name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
                   for name in _CLUSTER_FIELDS}
         restored = dataclasses.replace(config, **fields)

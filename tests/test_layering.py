@@ -20,6 +20,7 @@ PURE_MODULES = [
     "protocol/errors.py",
     "actors/mvcc/core.py",
     "actors/lessor.py",
+    "actors/members.py",
     "actors/compactor.py",
     "actors/watch/core.py",
     "actors/snapshot_transfer.py",

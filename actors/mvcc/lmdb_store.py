@@ -311,6 +311,14 @@ class MvccStore:
         with self._read_txn() as txn:
             return self._reader(txn).hash_kv(revision)
 
+    def hash_all(self) -> dict:
+        with self._read_txn() as txn:
+            return self._reader(txn).hash_all()
+
+    def member_table(self) -> dict | None:
+        with self._read_txn() as txn:
+            return self._reader(txn).member_table()
+
     def revision(self) -> int:
         with self._read_txn() as txn:
             return self._reader(txn).revision
