@@ -7,7 +7,11 @@ client). Gateway 0 binds the node's ZeroMQ client port; the others bind a
 port of their own (kept across restarts when free) and announce it in the
 run directory, where `hello` finds every gateway's endpoint for clients.
 Snapshot streams and defragment requests are the node-local operations it
-carries out itself.
+carries out itself. Defragments are coalesced: at most one is in flight to
+the applier per gateway, and every request that arrives meanwhile is
+answered by the next one (which starts after it arrived), so a burst of
+requests costs two store copies, not one each, and cannot stall the applier's
+writes behind a queue of them.
 """
 
 from __future__ import annotations
@@ -79,7 +83,13 @@ class Gateway:
         self.auto_compactor = AutoCompactor(config.auto_compaction_mode, config.auto_compaction_retention)
         self.snapshots: list[SnapshotFile] = []
         self.next_defrag_id = 1
-        self.defrags: dict[int, object] = {}
+        # Coalesced defragments: origins waiting for the next one, the id of
+        # the one in flight and the origins it answers, and whether it was
+        # already in flight at the previous expiry pass.
+        self.defrags_waiting: list[object] = []
+        self.defrag_in_flight: int | None = None
+        self.defrags_running: list[object] = []
+        self.defrag_expiry_mark: int | None = None
         self.client = self._bind_client_socket()
         self.raft = self._dealer(ipc.raft_endpoint(config.data_dir))
         self.applier = self._dealer(ipc.applier_endpoint(config.data_dir))
@@ -94,6 +104,7 @@ class Gateway:
             ipc.RAFT_STATUS: lambda m: self.core.on_raft_status(m[1], m[2]),
             ipc.LEASE_REPLY: lambda m: self.core.on_lease_replies(m[1]),
             ipc.MEMBER_REPLY: lambda m: self.core.on_member_replies(m[1]),
+            ipc.LEADER_CHANGED: lambda m: self.core.on_leader_changed(m[1], m[2], m[3]),
         }
         self.applier_handlers = {
             ipc.RESULTS: lambda m: self.core.on_results(m[1]),
@@ -147,7 +158,7 @@ class Gateway:
         return False
 
     def expire_unanswered(self) -> None:
-        expired = self.core.expire_unanswered()
+        expired = self.core.expire_unanswered() + self._expire_defragment()
         if expired:
             self.log.warning("requests unanswered too long failed with Timeout", requests=expired)
             self.flush()
@@ -275,20 +286,45 @@ class Gateway:
                     break
 
     def _defragment(self, origin, _body: dict) -> None:
-        defrag_id = self.next_defrag_id
+        self.defrags_waiting.append(origin)
+        if self.defrag_in_flight is None:
+            self._start_defragment()
+
+    def _start_defragment(self) -> None:
+        if not self.defrags_waiting:
+            return
+        self.defrag_in_flight = self.next_defrag_id
         self.next_defrag_id += 1
-        self.defrags[defrag_id] = origin
-        self.applier.send(codec.pack([ipc.DEFRAGMENT, defrag_id]))
+        self.defrags_running, self.defrags_waiting = self.defrags_waiting, []
+        self.applier.send(codec.pack([ipc.DEFRAGMENT, self.defrag_in_flight]))
 
     def _on_defragmented(self, message: list) -> None:
         _kind, defrag_id, error = message
-        origin = self.defrags.pop(defrag_id, None)
-        if origin is None:
-            return
-        if error:
-            self.core.fail(origin, QuorumError.from_wire(error))
-        else:
-            self._emit(origin, STATUS_OK, {"header": self.core.header(self.store.revision())})
+        if defrag_id != self.defrag_in_flight:
+            return  # one given up on (expired), or from before a restart
+        self._answer_defragments(QuorumError.from_wire(error) if error else None)
+        self._start_defragment()
+
+    def _answer_defragments(self, error: QuorumError | None) -> None:
+        running, self.defrags_running = self.defrags_running, []
+        self.defrag_in_flight = self.defrag_expiry_mark = None
+        for origin in running:
+            if error is not None:
+                self.core.fail(origin, error)
+            else:
+                self._emit(origin, STATUS_OK, {"header": self.core.header(self.store.revision())})
+
+    def _expire_defragment(self) -> int:
+        """A defragment in flight at two expiry passes in a row (its answer
+        lost with a restarted applier, or a very large store) is failed with
+        Timeout, so the requests waiting behind it get a defragment of their own."""
+        if self.defrag_in_flight is None or self.defrag_in_flight != self.defrag_expiry_mark:
+            self.defrag_expiry_mark = self.defrag_in_flight
+            return 0
+        expired = len(self.defrags_running)
+        self._answer_defragments(QuorumError("Timeout"))
+        self._start_defragment()
+        return expired
 
     def auto_compact(self) -> None:
         # Only the leader compacts, so members do not race each other's requests.
@@ -305,6 +341,8 @@ class Gateway:
 
     def close(self) -> None:
         self.core.fail_everything("Stopped")
+        for origin in self.defrags_running + self.defrags_waiting:
+            self.core.fail(origin, QuorumError("Stopped"))
         self.flush()
         for stream in self.snapshots:
             stream.close()

@@ -11,7 +11,12 @@ and sorts it into one of three paths:
   then for the applier to have applied up to that index, then are served
   from the local store;
 - writes are queued as proposals; the actor sends the queue to the raft
-  log as one PROPOSE per pass and the applier's RESULTS complete them;
+  log as one PROPOSE per pass and the applier's RESULTS complete them.
+  When the raft log reports a new term, or that this member stopped leading
+  (LEADER_CHANGED, with its commit index then), the writes already sent are marked; those still
+  unanswered once that index is applied went to a leader that is gone and
+  are failed LeaderChanged at once (an unknown outcome, as a timeout, but
+  without waiting for expire_unanswered);
 - lease keep-alives and time-to-live go to the leader's lessor in the raft
   log (LEASE_REQUEST); its LEASE_REPLY completes them (time-to-live adds
   the attached keys from the local store);
@@ -93,6 +98,10 @@ class GatewayCore:
         self.next_member_request_id = 1
         self.member_requests_unsent: list[list] = []
         self.member_requests_pending: dict[int, object] = {}
+        # Leader changes: (term, leader) last heard, and (commit index, request id)
+        # cuts: writes below the id still unanswered once the index is applied are lost.
+        self.leadership: tuple[int, int] = (-1, 0)
+        self.leader_change_cuts: collections.deque[tuple[int, int]] = collections.deque()
         # Expiry (expire_unanswered): ids below these marks were issued before the previous call.
         self.write_expiry_mark = self.next_request_id
         self.lease_expiry_mark = self.next_lease_request_id
@@ -310,6 +319,33 @@ class GatewayCore:
         if applied_index > self.applied_index:
             self.applied_index = applied_index
         self._serve_ready_reads()
+        self._fail_writes_lost_with_leader()
+
+    def on_leader_changed(self, term: int, leader: int, commit_index: int) -> None:
+        """The raft log's term or leader changed. On a new term, or when this
+        member stops leading, the writes sent to the raft log before (not
+        those still queued here: they go to the new leader) and not answered
+        once commit_index is applied (the applier answers every committed one
+        before its APPLIED) were never known committed here: they are failed
+        LeaderChanged, an unknown outcome. A follower that merely lost sight
+        of its leader in the same term (a pre-vote) fails nothing: the
+        leader may well go on and commit them."""
+        previous_term, previous_leader = self.leadership
+        if term < previous_term:
+            return  # out of date
+        self.leadership = (term, leader)
+        if term == previous_term and not (previous_leader == self.member_id != leader):
+            return
+        first_unsent = self.proposals[0][0] if self.proposals else self.next_request_id
+        if self.pending_writes and next(iter(self.pending_writes)) < first_unsent:
+            self.leader_change_cuts.append((commit_index, first_unsent))
+            self._fail_writes_lost_with_leader()
+
+    def _fail_writes_lost_with_leader(self) -> None:
+        while self.leader_change_cuts and self.leader_change_cuts[0][0] <= self.applied_index:
+            _index, first_unsent = self.leader_change_cuts.popleft()
+            for request_id in list(itertools.takewhile(lambda i: i < first_unsent, self.pending_writes)):
+                self.fail(self.pending_writes.pop(request_id), QuorumError("LeaderChanged"))
 
     def _serve_ready_reads(self) -> None:
         # Read rounds complete in order, so their indexes never decrease.

@@ -39,9 +39,10 @@ raft log -> gateway
       On a follower a PROPOSE is forwarded to the leader (actors.peer);
       its result still comes from this member's applier.
   [LEADER_CHANGED, term, leader, commit_index]
-      The term or the leader (0: none) changed. Writes the gateway sent
-      before and still unanswered once commit_index is applied are answered
-      LeaderChanged (outcome unknown).
+      The term or the leader (0: none) changed. On a new term, or when this
+      member stopped leading, writes the gateway sent before and still
+      unanswered once commit_index is applied are answered LeaderChanged
+      (outcome unknown).
   [READ_INDEX, read_id, index]
   [READ_INDEX_FAILED, read_id, error_code]
       "NoLeader", "LeaderChanged", or "Timeout" (no answer from the leader

@@ -20,7 +20,10 @@ already in the table and is skipped.
 
 Member IDs are deterministic: `member_id_for(peer URLs, cluster token)`, so
 a member added with `member add` and the process started for it compute the
-same ID (etcd mixes in the time; see README "Differences from etcd").
+same ID (etcd mixes in the time; see README "Differences from etcd"). The
+table remembers removed IDs (as etcd does) and an add that would bring one
+back is refused (MemberIDRemoved): a removed ID restarted with an empty data
+dir would have forgotten its votes, and would replay its own removal.
 
 `apply_change` is tolerant by design: a member joining with
 --initial-cluster-state existing starts from its flags (the members listed
@@ -61,10 +64,11 @@ def record(member_id: int, name: str, peer_urls, client_urls=(), is_learner: boo
 class MemberTable:
     members: dict[int, dict]
     conf_index: int = 0  # the index of the last conf change applied (0: the initial table)
+    removed: set[int] = dataclasses.field(default_factory=set)  # IDs never to come back
 
     def copy(self) -> "MemberTable":
         return MemberTable({member_id: dict(rec, peerURLs=list(rec["peerURLs"]), clientURLs=list(rec["clientURLs"]))
-                            for member_id, rec in self.members.items()}, self.conf_index)
+                            for member_id, rec in self.members.items()}, self.conf_index, set(self.removed))
 
     def listed(self) -> list[dict]:
         """The records sorted by ID (etcd's member list order is by ID too)."""
@@ -83,11 +87,11 @@ class MemberTable:
         return None
 
     def to_wire(self) -> dict:
-        return {"members": self.listed(), "conf_index": self.conf_index}
+        return {"members": self.listed(), "conf_index": self.conf_index, "removed": sorted(self.removed)}
 
     @classmethod
     def from_wire(cls, value: dict) -> "MemberTable":
-        return cls({rec["ID"]: rec for rec in value["members"]}, value["conf_index"])
+        return cls({rec["ID"]: rec for rec in value["members"]}, value["conf_index"], set(value.get("removed", ())))
 
     # ---- applying a committed change -------------------------------------------------
 
@@ -108,6 +112,7 @@ class MemberTable:
                 current["isLearner"] = False
         elif kind == "remove":
             self.members.pop(member_id, None)
+            self.removed.add(member_id)
         elif current is not None:  # update
             for field in _UPDATE_FIELDS:
                 if field in member:
@@ -178,6 +183,9 @@ def check_add(table: MemberTable, peer_urls: list[str], is_learner: bool, token:
     member_id = member_id_for(tuple(peer_urls), token)
     if member_id in table.members:
         raise QuorumError("MemberExist")
+    if member_id in table.removed:
+        raise QuorumError("MemberIDRemoved", "a removed member's peer URLs cannot be added again "
+                                             "(its ID is derived from them); use another peer URL")
     if any(table.peer_url_owner(url) is not None for url in peer_urls):
         raise QuorumError("PeerURLExist")
     if is_learner:

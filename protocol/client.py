@@ -91,6 +91,7 @@ class UnhealthyError(QuorumError): pass
 class NotCapableError(QuorumError): pass
 class MemberNotFoundError(QuorumError): pass
 class MemberExistError(QuorumError): pass
+class MemberIDRemovedError(QuorumError): pass
 class PeerURLExistError(QuorumError): pass
 class MemberNotLearnerError(QuorumError): pass
 class LearnerNotReadyError(QuorumError): pass
@@ -144,6 +145,7 @@ ERROR_CLASSES: dict[str, type[QuorumError]] = {
     "NotCapable": NotCapableError,
     "MemberNotFound": MemberNotFoundError,
     "MemberExist": MemberExistError,
+    "MemberIDRemoved": MemberIDRemovedError,
     "PeerURLExist": PeerURLExistError,
     "MemberNotLearner": MemberNotLearnerError,
     "LearnerNotReady": LearnerNotReadyError,

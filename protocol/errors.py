@@ -68,6 +68,8 @@ _CODES = [
     ErrorCode("MemberNotFound", NOT_FOUND, "etcdserver: member not found"),
     ErrorCode("MemberExist", FAILED_PRECONDITION, "etcdserver: member ID already exist"),
     ErrorCode("PeerURLExist", FAILED_PRECONDITION, "etcdserver: Peer URLs already exists"),
+    # etcd's membership.ErrIDRemoved text; etcd's gRPC layer reports it as "member not found".
+    ErrorCode("MemberIDRemoved", FAILED_PRECONDITION, "etcdserver: ID removed"),
     ErrorCode("MemberNotLearner", FAILED_PRECONDITION, "etcdserver: can only promote a learner member"),
     ErrorCode("LearnerNotReady", FAILED_PRECONDITION, "etcdserver: can only promote a learner member which is in sync with leader"),
     ErrorCode("TooManyLearners", FAILED_PRECONDITION, "etcdserver: too many learner members in cluster"),

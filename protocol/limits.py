@@ -26,6 +26,9 @@ class Limits:
     max_response_bytes: int = 256 * MIB
     # Requests a gateway holds while waiting for the log or the applier.
     max_pending_requests_per_gateway: int = 65536
+    # Results the applier keeps for a gateway whose queue is full, to resend
+    # (never dropped while a gateway is owed no more than its pending requests).
+    max_undelivered_results_per_gateway: int = 65536
     # Proposal batching: a gateway sends at most this many requests (and bytes)
     # to the raft log in one message; the raft log turns one message into one entry.
     max_proposal_batch_requests: int = 1024
@@ -106,6 +109,9 @@ class Limits:
             raise ValueError("a peer frame (max_frame_bytes) must hold a window of snapshot chunks and an append")
         if self.snapshot_stall_timeout_ms < self.snapshot_retransmit_ms:
             raise ValueError("snapshot_stall_timeout_ms must be >= snapshot_retransmit_ms")
+        if self.max_undelivered_results_per_gateway < self.max_pending_requests_per_gateway:
+            raise ValueError("max_undelivered_results_per_gateway must be >= max_pending_requests_per_gateway: "
+                             "the applier must be able to hold every result a gateway is owed")
         if self.default_quota_backend_bytes > self.max_quota_backend_bytes:
             raise ValueError("default quota exceeds the maximum quota")
 

@@ -8,24 +8,32 @@ How this works:
   with the same command line (it reuses its data dir and rejoins), paused and
   resumed (SIGSTOP/SIGCONT of its process group), and cut off from peers
   through the peer transport's fault hook (`<data-dir>/peer-faults`, see
-  actors/peer.py). `close()` kills everything, also after a failure.
+  actors/peer.py). Membership changes are mirrored here: a member added
+  (`add_member_node`: a new name, data dir and peer URL, started with
+  --initial-cluster-state existing), promoted, or removed (`forget_member`:
+  kept in `removed` to check it stopped by itself). `close()` kills
+  everything, also after a failure.
 - `Workload`: client threads doing linearizable gets, puts and
   compare-and-swap txns with unique values on a few keys, each call through
-  a member picked at random, recording start, end and outcome of every call
+  a voter picked at random (`set_endpoints` re-points them when the
+  membership changes), recording start, end and outcome of every call
   (a timeout, or any error of a write, is "unknown": the write may still
   land) as `tools.linearizability.Op`s.
 - `Nemesis`: a seeded, bounded schedule of faults (kill -9 + restart,
-  pause/resume, isolate/partition + heal), one step at a time, each touching
-  at most a minority, the leader often.
+  pause/resume, isolate/partition + heal, membership changes from
+  MEMBER_PLAN), one step at a time, each touching at most a minority of the
+  voters, the leader often.
 - `WatchRecorder`: a watch on the workload's keys through each member, from
   revision 1, kept across kills and pauses by protocol.watch's reconnects.
 - `run_fault_test`: cluster + workload + watches + nemesis for a duration,
   then heal everything, wait for a leader, read every key through every
   member, and check: the history is linearizable (and its revisions
   consistent), every acknowledged write is in every member's MVCC history at
-  its revision, HashKV agrees on all members at one revision, and every
-  watch delivered every write of the keys in revision order with no gap and
-  no repeat (as many events per key as its version), the same on every member.
+  its revision, HashKV agrees on all members at one revision, removed
+  members stopped by themselves, and every watch delivered every write of
+  the keys in revision order with no gap and no repeat (as many events per
+  key as its version), the same on every member (a removed member's watch:
+  a prefix of the same).
 
 `tools/nemesis.py` runs the same for as long as asked.
 """
@@ -45,6 +53,7 @@ import zmq
 
 from actors.config import member_id_for
 from actors.peer import peer_faults_path
+from actors.raft_log import removed_path
 from protocol import codec
 from protocol.client import Client, Compare, DeadlineExceededError, ops
 from protocol.errors import QuorumError
@@ -119,6 +128,9 @@ class Cluster:
         os.makedirs(base_dir, exist_ok=True)
         self.base_dir = base_dir
         self.token = token
+        self.gateways = gateways
+        self.member_args = ("--heartbeat-interval", str(heartbeat_ms), "--election-timeout", str(election_ms),
+                            *extra_args)
         ports = iter(pick_ports(3 * len(names)))
         self.peer_urls = {name: f"http://127.0.0.1:{next(ports)}" for name in names}
         self.initial_cluster = ",".join(f"{name}={url}" for name, url in self.peer_urls.items())
@@ -134,6 +146,13 @@ class Cluster:
         self.member_ids = {name: member_id_for((url,), token) for name, url in self.peer_urls.items()}
         self.names_by_id = {member_id: name for name, member_id in self.member_ids.items()}
         self.paused: set[str] = set()
+        # Membership changes (add_member_node, forget_member): members added as
+        # learners and not promoted yet; members removed (their nodes kept to
+        # check that they stopped by themselves, and to clean up).
+        self.learners: set[str] = set()
+        self.removed: dict[str, Node] = {}
+        self.removed_ids: dict[str, int] = {}
+        self._next_member_number = len(names) + 1
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -152,6 +171,15 @@ class Cluster:
         """name -> host:port of its ZeroMQ client port."""
         return {name: node.zmq_endpoint for name, node in self.members.items()}
 
+    @property
+    def voters(self) -> list[str]:
+        return [name for name in self.members if name not in self.learners]
+
+    @property
+    def voter_endpoints(self) -> dict[str, str]:
+        """The endpoints clients may use: a learner refuses linearizable requests."""
+        return {name: self.members[name].zmq_endpoint for name in self.voters}
+
     def start(self, wait: bool = True, timeout_s: float = LEADER_TIMEOUT_S) -> "Cluster":
         for node in self.members.values():
             node.start(wait=False)
@@ -166,12 +194,65 @@ class Cluster:
         return self
 
     def close(self) -> None:
-        """Kill every member (paused ones too) and remove the fault files."""
-        for name, node in self.members.items():
+        """Kill every member (paused ones too, and removed ones still running) and remove the fault files."""
+        for name, node in [*self.members.items(), *self.removed.items()]:
             if node.process is not None:
                 node.kill()
             self.paused.discard(name)
         self.heal()
+
+    # ---- membership (the requests themselves go through `request`) ------------------
+
+    def new_member_name(self) -> str:
+        """A name never used in this cluster (a re-added member is a new member)."""
+        while True:
+            name = f"n{self._next_member_number}"
+            self._next_member_number += 1
+            if name not in self.members and name not in self.removed:
+                return name
+
+    @staticmethod
+    def new_peer_url() -> str:
+        """A peer URL on a fresh port. Member IDs derive from the peer URLs and the
+        token, so re-adding a removed member's URL would give back its (removed) ID."""
+        (port,) = pick_ports(1)
+        return f"http://127.0.0.1:{port}"
+
+    def add_member_node(self, name: str, peer_url: str, *, learner: bool) -> Node:
+        """The Node for a member just added with `member_add` (not started): an empty
+        data dir, --initial-cluster-state existing, the current members plus itself
+        as its initial cluster (as etcdctl's member add prints)."""
+        assert name not in self.members and name not in self.removed, name
+        self.peer_urls[name] = peer_url
+        initial_cluster = ",".join(f"{member}={self.peer_urls[member]}" for member in [*self.members, name])
+        args = ("--name", name, "--initial-cluster", initial_cluster, "--initial-cluster-state", "existing",
+                "--initial-cluster-token", self.token, "--initial-advertise-peer-urls", peer_url,
+                "--listen-peer-urls", peer_url, *self.member_args)
+        node = Node(os.path.join(self.base_dir, f"{name}.qkv"), os.path.join(self.base_dir, f"{name}.log"),
+                    self.gateways, args)
+        client_port, zmq_port = pick_ports(2)
+        set_client_ports(node, client_port, zmq_port)
+        member_id = member_id_for((peer_url,), self.token)
+        self.members[name] = node
+        self.member_ids[name] = member_id
+        self.names_by_id[member_id] = name
+        if learner:
+            self.learners.add(name)
+        return node
+
+    def promoted(self, name: str) -> None:
+        self.learners.discard(name)
+
+    def forget_member(self, name: str) -> Node:
+        """`name` was removed from the cluster: it is no longer one of `names`."""
+        node = self.members.pop(name)
+        self.removed[name] = node
+        self.removed_ids[name] = self.member_ids.pop(name)
+        self.names_by_id.pop(self.removed_ids[name], None)
+        self.peer_urls.pop(name, None)
+        self.learners.discard(name)
+        self.paused.discard(name)
+        return node
 
     def is_running(self, name: str) -> bool:
         process = self.members[name].process
@@ -248,7 +329,8 @@ class Cluster:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(" ".join(cut) + "\n")
+            # Member ids, not names: a member added later may not know every name yet.
+            handle.write(" ".join(f"{self.member_ids[other]:x}" for other in cut) + "\n")
         os.replace(path + ".tmp", path)  # a new mtime: the member re-reads it
 
     # ---- state -------------------------------------------------------------------
@@ -320,7 +402,8 @@ class Cluster:
         return out
 
     def log_tails(self, lines: int = 15) -> str:
-        return "\n".join(f"--- {name} ---\n{node.log_tail(lines)}" for name, node in self.members.items())
+        return "\n".join(f"--- {name}{' (removed)' if name in self.removed else ''} ---\n{node.log_tail(lines)}"
+                         for name, node in [*self.members.items(), *self.removed.items()])
 
 
 # ---- the client workload -------------------------------------------------------------
@@ -345,7 +428,8 @@ class Workload:
 
     def __init__(self, endpoints: dict[str, str], config: WorkloadConfig, seed: int):
         assert config.clients >= 1 and config.keys >= 1
-        self.endpoints = endpoints
+        self.endpoints = dict(endpoints)
+        self.endpoints_version = 0
         self.config = config
         self.seed = seed
         self.keys = [f"{config.key_prefix}{index}".encode() for index in range(config.keys)]
@@ -368,6 +452,13 @@ class Workload:
         alive = [thread.name for thread in self.threads if thread.is_alive()]
         assert not alive, f"client threads did not stop: {alive}"
 
+    def set_endpoints(self, endpoints: dict[str, str]) -> None:
+        """Re-point the clients (the membership changed): each thread's next call goes
+        through one of these members (a call in flight finishes where it is)."""
+        with self.lock:
+            self.endpoints = dict(endpoints)
+            self.endpoints_version += 1
+
     def counts(self) -> dict[str, int]:
         with self.lock:
             out: dict[str, int] = {}
@@ -379,12 +470,23 @@ class Workload:
     def _run(self, index: int) -> None:
         rng = random.Random(self.seed * 1009 + index)
         context = zmq.Context.instance()
-        clients = {name: Client([endpoint], timeout_s=self.config.timeout_s, discover_gateways=False,
-                                connect_timeout_s=self.config.connect_timeout_s, read_retries=0, context=context)
-                   for name, endpoint in self.endpoints.items()}
+        clients: dict[str, Client] = {}
+        version = None
         sequence = 0
         try:
             while not self.stopping.is_set():
+                with self.lock:
+                    endpoints = dict(self.endpoints) if version != self.endpoints_version else None
+                    version = self.endpoints_version
+                if endpoints is not None:
+                    for name in [name for name in clients if name not in endpoints]:
+                        clients.pop(name).close()
+                    for name, endpoint in endpoints.items():
+                        if name not in clients:
+                            clients[name] = Client([endpoint], timeout_s=self.config.timeout_s,
+                                                   discover_gateways=False,
+                                                   connect_timeout_s=self.config.connect_timeout_s,
+                                                   read_retries=0, context=context)
                 sequence += 1
                 name = rng.choice(sorted(clients))
                 operation = self._call(clients[name], rng, f"c{index}", f"c{index}-{sequence}".encode())
@@ -498,10 +600,12 @@ class WatchRecorder(threading.Thread):
 
 
 def watch_problems(cluster: Cluster, recorders: list[WatchRecorder], history: list[lin.Op],
-                   keys: list[bytes], timeout_s: float = CATCH_UP_TIMEOUT_S) -> list[str]:
+                   keys: list[bytes], timeout_s: float = CATCH_UP_TIMEOUT_S,
+                   departed: list[WatchRecorder] = ()) -> list[str]:
     """Every watch delivered, in revision order without a repeat, exactly the writes of
     the watched keys (as many per key as its version says), the acknowledged ones
-    included, and every watch the same."""
+    included, and every watch the same. A watch through a member since removed
+    (`departed`, stopped before its removal) delivered a prefix of the same."""
     leader = cluster.wait_for_leader()
     revision = cluster.revision(leader)
     for recorder in recorders:
@@ -540,10 +644,42 @@ def watch_problems(cluster: Cluster, recorders: list[WatchRecorder], history: li
             reference = events
         elif events != reference:
             problems.append(f"watch through {recorder.member} differs from through {recorders[0].member}")
+    for recorder in departed:
+        problems += [error for error in recorder.errors]
+        events = [event for event in recorder.events if event[0] <= recorder.delivered]
+        if reference is not None and events != reference[:len(events)]:
+            problems.append(f"watch through {recorder.member} (since removed) is not a prefix of the others'")
     return problems
 
 
 # ---- the nemesis ---------------------------------------------------------------------
+
+# Each phase of a membership step (a request answered, perhaps after retries;
+# the new member started and caught up; it says it is a voter) must be done
+# within this. A step runs alone, on a healed cluster; a new member's start
+# takes 5-25 s on a loaded 2-core machine.
+MEMBER_PHASE_TIMEOUT_S = 60.0
+MEMBER_STEP_PHASES = 5
+MEMBER_REQUEST_TIMEOUT_S = 5.0
+MEMBER_RETRY_S = 0.2  # between asking again (for a leader, a learner catching up)
+REMOVED_EXIT_TIMEOUT_S = 30.0
+# Answers after which a membership request is asked again: no leader (yet), a
+# change the cluster is not ready for yet, or no answer (the change may still
+# apply: asking again is safe, the "already done" answer says so).
+MEMBER_RETRY_CODES = frozenset({"timeout", "Timeout", "NoLeader", "NotLeader", "LeaderChanged", "Stopped",
+                                "TooManyRequests", "MemberNotEnoughStarted", "LearnerNotReady",
+                                "LeaderTransferTimeout"})
+# The membership steps, in turn: grow and shrink between size and size + 2
+# voters, by a learner then its promotion or by a voter at once, remove a voter
+# (the leader half the time), and move the leadership to another voter. A step
+# that would leave the bounds does the opposite change instead.
+MEMBER_PLAN = ("add_learner", "move_leader", "remove", "add_voter", "add_learner", "remove", "remove")
+MEMBER_EXTRA_VOTERS = 2
+MAX_RUN_EXTENSION = 3
+
+
+class MembershipStepFailed(Exception):
+    pass
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -553,20 +689,38 @@ class NemesisConfig:
     calm_s: tuple[float, float] = (0.5, 2.0)  # between faults
     leader_bias: float = 0.5  # chance a fault targets the leader
     max_steps: int = 1000
+    # With "member" among the kinds: the chance a step is a membership change
+    # (None: as likely as any other kind).
+    member_share: float | None = None
+    # The run goes on past its duration (up to MAX_RUN_EXTENSION times it) until
+    # this many membership steps are done: a loaded machine makes them slow.
+    min_member_steps: int = 0
 
 
 class Nemesis(threading.Thread):
-    """One fault at a time, on at most a minority, from a seeded schedule."""
+    """One fault at a time, on at most a minority of the voters, from a seeded
+    schedule: the kind, duration and calm before each step are drawn from the
+    seed alone; the targets from the seed and the step number (who leads at
+    the time decides whether "the leader" is one of them); membership steps
+    follow MEMBER_PLAN. on_join(name) is called when a new member serves as a
+    voter, on_leave(name) just before a member is removed."""
 
-    KINDS = ("kill", "pause", "isolate", "partition")
+    KINDS = ("kill", "pause", "isolate", "partition", "member")
 
-    def __init__(self, cluster: Cluster, config: NemesisConfig, seed: int, log=print):
+    def __init__(self, cluster: Cluster, config: NemesisConfig, seed: int, log=print, *,
+                 on_join=None, on_leave=None):
         super().__init__(name="nemesis", daemon=True)
-        assert set(config.kinds) <= set(self.KINDS), config.kinds
+        assert set(config.kinds) <= set(self.KINDS) and config.kinds, config.kinds
         self.cluster = cluster
         self.config = config
+        self.seed = seed
         self.rng = random.Random(seed)
         self.log = log
+        self.on_join = on_join or (lambda name: None)
+        self.on_leave = on_leave or (lambda name: None)
+        self.voter_bounds = (len(cluster.voters), len(cluster.voters) + MEMBER_EXTRA_VOTERS)
+        self.member_steps = 0  # started
+        self.member_steps_done = 0
         self.stopping = threading.Event()
         self.events: list[str] = []
         self.errors: list[str] = []
@@ -574,7 +728,7 @@ class Nemesis(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
-        self.join(timeout=60)
+        self.join(timeout=MEMBER_STEP_PHASES * MEMBER_PHASE_TIMEOUT_S)  # a membership step is finished, not abandoned
         assert not self.is_alive(), "the nemesis did not stop"
 
     def _note(self, text: str) -> None:
@@ -584,31 +738,49 @@ class Nemesis(threading.Thread):
 
     def run(self) -> None:
         try:
-            for _step in range(self.config.max_steps):
-                if self.stopping.wait(self.rng.uniform(*self.config.calm_s)):
+            for step in range(self.config.max_steps):
+                calm_s = self.rng.uniform(*self.config.calm_s)
+                kind = self._kind()
+                duration_s = self.rng.uniform(*self.config.fault_s)
+                if self.stopping.wait(calm_s):
                     return
-                self._step()
+                self._step(kind, duration_s, random.Random(self.seed * 1_000_003 + step))
         except Exception as error:  # never leave a fault behind silently
             self.errors.append(f"{type(error).__name__}: {error}")
+            self._note(f"nemesis error: {type(error).__name__}: {error}")
         finally:
             self.heal_all()
 
-    def _targets(self) -> list[str]:
+    def _kind(self) -> str:
+        """The same number of draws whatever the outcome: the schedule is the seed's."""
+        roll = self.rng.random()
+        faults = [kind for kind in self.config.kinds if kind != "member"]
+        kind = self.rng.choice(faults) if faults else "member"
+        if "member" in self.config.kinds:
+            share = self.config.member_share
+            if share is None:
+                share = 1 / len(self.config.kinds)
+            if not faults or roll < share:
+                kind = "member"
+        return kind
+
+    def _targets(self, rng: random.Random) -> list[str]:
         names = self.cluster.names
-        minority = max(1, (len(names) - 1) // 2)
-        count = self.rng.randint(1, minority)
+        minority = max(1, (len(self.cluster.voters) - 1) // 2)
+        count = rng.randint(1, minority)
         targets = []
-        leader = self.cluster.claimed_leader() if self.rng.random() < self.config.leader_bias else None
+        leader = self.cluster.claimed_leader() if rng.random() < self.config.leader_bias else None
         if leader is not None:
             targets.append(leader)
         others = [name for name in names if name not in targets]
-        self.rng.shuffle(others)
+        rng.shuffle(others)
         return targets + others[: count - len(targets)]
 
-    def _step(self) -> None:
-        kind = self.rng.choice(self.config.kinds)
-        targets = self._targets()
-        duration_s = self.rng.uniform(*self.config.fault_s)
+    def _step(self, kind: str, duration_s: float, rng: random.Random) -> None:
+        if kind == "member":
+            self._member_step(rng)
+            return
+        targets = self._targets(rng)
         if kind == "kill":
             self._note(f"kill -9 {targets}")
             for name in targets:
@@ -639,14 +811,157 @@ class Nemesis(threading.Thread):
             self._note("heal")
             self.cluster.heal()
 
+    # ---- membership changes ------------------------------------------------------------
+
+    def _member_step(self, rng: random.Random) -> None:
+        action = MEMBER_PLAN[self.member_steps % len(MEMBER_PLAN)]
+        self.member_steps += 1
+        low, high = self.voter_bounds
+        voters = len(self.cluster.voters)
+        if action.startswith("add") and voters >= high:
+            action = "remove"
+        elif action == "remove" and voters <= low:
+            action = "add_learner"
+        try:
+            self.cluster.wait_for_leader(MEMBER_PHASE_TIMEOUT_S)
+            if action == "move_leader":
+                self._move_leader(rng)
+            elif action == "remove":
+                self._remove_voter(rng)
+            else:
+                self._add_member(action == "add_learner")
+        except (AssertionError, MembershipStepFailed) as error:
+            raise MembershipStepFailed(f"{action}: {error}") from None
+        self.member_steps_done += 1
+
+    def _ask(self, op: str, body: dict, *, done=(), avoid=()) -> tuple[dict | None, str]:
+        """A membership request through the voters in turn (never `avoid`) until it is
+        answered, or answered "already done" (an earlier try applied): (response or
+        None, what was answered, with the retries before)."""
+        retried: dict[str, int] = {}
+        deadline = time.monotonic() + MEMBER_PHASE_TIMEOUT_S
+        while True:
+            via = [name for name in self.cluster.voters if name not in avoid and self.cluster.is_running(name)]
+            if not via:
+                raise MembershipStepFailed(f"{op}: no member to ask")
+            name = via[sum(retried.values()) % len(via)]
+            started = time.monotonic()
+            response, error = self.cluster.request(name, op, body, MEMBER_REQUEST_TIMEOUT_S)
+            answer = error or "ok"
+            if retried:
+                answer += f" after {', '.join(f'{code} x{count}' for code, count in retried.items())}"
+            if error is None:
+                return response, f"{answer}, {time.monotonic() - started:.2f}s"
+            if error in done:
+                return None, answer
+            if error not in MEMBER_RETRY_CODES or time.monotonic() > deadline:
+                raise MembershipStepFailed(f"{op} {body} through {name}: {answer}")
+            retried[error] = retried.get(error, 0) + 1
+            time.sleep(MEMBER_RETRY_S)  # a leader to be elected, a learner to catch up: polled, with a deadline
+
+    def _wait(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + MEMBER_PHASE_TIMEOUT_S
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise MembershipStepFailed(f"not within {MEMBER_PHASE_TIMEOUT_S}s: {what}; "
+                                           f"{self.cluster._statuses()}")
+            time.sleep(POLL_S)
+
+    def _leader_revision(self, among: list[str]) -> int:
+        revision = None
+
+        def answered() -> bool:
+            nonlocal revision
+            revision = self.cluster.revision(self.cluster.wait_for_leader(among=among))
+            return revision is not None
+
+        self._wait(answered, "the leader's revision")
+        return revision
+
+    def _add_member(self, learner: bool) -> None:
+        name = self.cluster.new_member_name()
+        peer_url = self.cluster.new_peer_url()
+        member_id = member_id_for((peer_url,), self.cluster.token)
+        self._note(f"member add {name} ({member_id:x}, {peer_url}) as {'learner' if learner else 'voter'}")
+        _response, answer = self._ask("member_add", {"peerURLs": [peer_url], "isLearner": learner},
+                                      done=("MemberExist",))
+        node = self.cluster.add_member_node(name, peer_url, learner=learner)
+        node.start(wait=False)
+        self._note(f"member {name} added ({answer}), started with an empty data dir")
+        revision = self._leader_revision(among=[other for other in self.cluster.names if other != name])
+        self._wait(lambda: (self.cluster.revision(name) or 0) >= revision,
+                   f"{name} caught up to revision {revision}")
+        self._note(f"{name} caught up to revision {revision}")
+        if learner:
+            _response, answer = self._ask("member_promote", {"ID": member_id}, done=("MemberNotLearner",))
+            self.cluster.promoted(name)
+            self._note(f"member promote {name} ({answer})")
+            self._wait(lambda: (self.cluster.status(name) or {}).get("is_learner") is False,
+                       f"{name} says it is a voter")
+        self.on_join(name)
+        self._note(f"voters now {self.cluster.voters}")
+
+    def _remove_voter(self, rng: random.Random) -> None:
+        leader = self.cluster.wait_for_leader()
+        if rng.random() < self.config.leader_bias:
+            victim = leader
+        else:
+            victim = rng.choice(sorted(name for name in self.cluster.voters if name != leader))
+        member_id = self.cluster.member_ids[victim]
+        self.on_leave(victim)
+        self._note(f"member remove {victim} ({member_id:x}){' (the leader)' if victim == leader else ''}")
+        _response, answer = self._ask("member_remove", {"ID": member_id}, done=("MemberNotFound",),
+                                      avoid=(victim,))
+        node = self.cluster.forget_member(victim)
+        self._note(f"member {victim} removed ({answer}); voters now {self.cluster.voters}")
+        exit_deadline = time.monotonic() + REMOVED_EXIT_TIMEOUT_S
+        while node.process.poll() is None and time.monotonic() < exit_deadline:
+            time.sleep(POLL_S)
+        status = node.process.poll()
+        removed_file = os.path.exists(removed_path(node.data_dir))
+        if status != 0 or not removed_file:
+            node.kill()
+            raise MembershipStepFailed(f"removed member {victim} did not stop by itself within "
+                                       f"{REMOVED_EXIT_TIMEOUT_S}s (exit status {status}, removed file "
+                                       f"{removed_file}): {node.log_tail(10)}")
+        self._note(f"{victim} stopped by itself (exit status 0)")
+
+    def _move_leader(self, rng: random.Random) -> None:
+        leader = self.cluster.wait_for_leader()
+        target = rng.choice(sorted(name for name in self.cluster.voters if name != leader))
+        self._note(f"move-leader {leader} -> {target}")
+        deadline = time.monotonic() + MEMBER_PHASE_TIMEOUT_S
+        tries = 0
+        while True:
+            tries += 1
+            response, error = self.cluster.request(leader, "move_leader", {"targetID": self.cluster.member_ids[target]},
+                                                   MEMBER_REQUEST_TIMEOUT_S)
+            if error is None or error not in MEMBER_RETRY_CODES:
+                break
+            if time.monotonic() > deadline:
+                raise MembershipStepFailed(f"move_leader to {target}: {error} (try {tries})")
+            time.sleep(MEMBER_RETRY_S)
+            leader = self.cluster.wait_for_leader()
+            if leader == target:
+                error = None
+                break
+        if error is not None:
+            raise MembershipStepFailed(f"move_leader to {target}: {error}")
+        self._note(f"move-leader done ({tries} tries); leader now {self.cluster.wait_for_leader()}")
+
     def heal_all(self) -> None:
-        """Resume the paused, restart the killed, reconnect everyone."""
+        """Resume the paused, restart the killed, reconnect everyone. A member that exited
+        by itself is restarted too, after saying so (and it must not think it was removed)."""
         self.cluster.heal()
         for name in self.cluster.names:
             self.cluster.resume_member(name)
             if not self.cluster.is_running(name):
-                if self.cluster.members[name].process is not None:
-                    self.cluster.members[name].kill()  # exited by itself: reap it, then restart
+                node = self.cluster.members[name]
+                if node.process is not None:
+                    self._note(f"{name} had exited by itself (status {node.process.returncode})")
+                    if os.path.exists(removed_path(node.data_dir)):
+                        self.errors.append(f"{name}, a member, stopped as removed: {node.log_tail(10)}")
+                    node.kill()  # reap it, then restart
                 self.cluster.start_member(name)
 
 
@@ -669,6 +984,8 @@ class RunReport:
     history_path: str
     check_s: float
     watched_events: int = 0
+    members: list[str] = dataclasses.field(default_factory=list)  # at the end (learners marked)
+    removed: dict = dataclasses.field(default_factory=dict)  # name -> exit status
 
     @property
     def ok(self) -> bool:
@@ -682,15 +999,16 @@ class RunReport:
                  f"acknowledged writes found on every member at their revision: {self.acked_writes}",
                  f"HashKV at revision {self.hash_revision}: {self.hashes}",
                  f"watch events delivered per member (in order, no gap, all acknowledged writes): {self.watched_events}",
+                 f"members at the end: {self.members}; removed (exit status): {self.removed}",
                  f"history: {self.history_path}"]
         lines += [f"PROBLEM: {problem}" for problem in self.problems]
         return "\n".join(lines)
 
 
 def final_reads(cluster: Cluster, keys: list[bytes]) -> list[lin.Op]:
-    """A linearizable read of every key through every member, recorded as history."""
+    """A linearizable read of every key through every voter, recorded as history."""
     history = []
-    for name in cluster.names:
+    for name in cluster.voters:
         with Client([cluster.endpoints[name]], timeout_s=5.0, discover_gateways=False) as client:
             for key in keys:
                 start_ns = time.monotonic_ns()
@@ -729,7 +1047,7 @@ def hashes_agree(cluster: Cluster) -> tuple[int, dict, list[str]]:
     revision = cluster.revision(leader)
     cluster.wait_for_revision(revision)
     hashes = {}
-    for name in cluster.names:
+    for name in cluster.voters:  # (a learner refuses HashKV)
         response, error = cluster.request(name, "hash_kv", {"revision": revision}, 5.0)
         hashes[name] = error or response["hash"]
     problems = [] if len(set(hashes.values())) == 1 else [f"HashKV differs at revision {revision}: {hashes}"]
@@ -741,7 +1059,7 @@ def wait_for_write(cluster: Cluster, timeout_s: float) -> float:
     started = time.monotonic()
     attempt = 0
     while time.monotonic() - started < timeout_s:
-        name = cluster.names[attempt % len(cluster.names)]
+        name = cluster.voters[attempt % len(cluster.voters)]
         attempt += 1
         _response, error = cluster.request(name, "put", {"key": b"nemesis/liveness", "value": b"%d" % attempt}, 1.0)
         if error is None:
@@ -757,11 +1075,28 @@ def run_fault_test(base_dir: str, *, size: int = 3, duration_s: float = 20.0, se
     (with `watches`, a watch through every member too; see WatchRecorder)."""
     cluster = Cluster(base_dir, size)
     watchers: list[WatchRecorder] = []
+    departed: list[WatchRecorder] = []  # watches through members since removed
     try:
         cluster.start()
         log(f"cluster up: leader {cluster.wait_for_leader()}, members {cluster.endpoints}")
-        clients = Workload(cluster.endpoints, workload, seed)
-        faults = Nemesis(cluster, nemesis, seed, log)
+        clients = Workload(cluster.voter_endpoints, workload, seed)
+
+        def joined(name: str) -> None:
+            clients.set_endpoints(cluster.voter_endpoints)
+            if watches:
+                watchers.append(WatchRecorder(name, cluster.endpoints[name], workload.key_prefix.encode(),
+                                              watch_progress_s))
+                watchers[-1].start()
+
+        def leaving(name: str) -> None:
+            clients.set_endpoints({other: endpoint for other, endpoint in cluster.voter_endpoints.items()
+                                   if other != name})
+            for recorder in [r for r in watchers if r.member == name]:
+                recorder.stop()  # while its member still answers
+                watchers.remove(recorder)
+                departed.append(recorder)
+
+        faults = Nemesis(cluster, nemesis, seed, log, on_join=joined, on_leave=leaving)
         if watches:
             watchers += [WatchRecorder(name, endpoint, workload.key_prefix.encode(), watch_progress_s)
                          for name, endpoint in cluster.endpoints.items()]
@@ -771,21 +1106,31 @@ def run_fault_test(base_dir: str, *, size: int = 3, duration_s: float = 20.0, se
         clients.start()
         faults.start()
         try:
-            while time.monotonic() - started < duration_s and not clients.errors and faults.is_alive():
-                time.sleep(min(1.0, max(0.0, duration_s - (time.monotonic() - started))))
+            def more() -> bool:
+                elapsed = time.monotonic() - started
+                return elapsed < duration_s or (faults.member_steps_done < nemesis.min_member_steps
+                                                and elapsed < MAX_RUN_EXTENSION * duration_s)
+
+            while more() and not clients.errors and faults.is_alive():
+                remaining_s = duration_s - (time.monotonic() - started)
+                time.sleep(min(1.0, remaining_s) if remaining_s > 0 else 1.0)
         finally:
             faults.stop()  # heals everything on its way out
             clients.stop()
         elapsed_s = time.monotonic() - started
         problems = list(clients.errors) + [f"nemesis: {error}" for error in faults.errors]
-        leader = cluster.wait_for_leader()
-        recovery_s = wait_for_write(cluster, LEADER_TIMEOUT_S)
+        with open(os.path.join(base_dir, "nemesis.log"), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(faults.events) + "\n")
+        try:
+            leader = cluster.wait_for_leader()
+            recovery_s = wait_for_write(cluster, LEADER_TIMEOUT_S)
+        except AssertionError:
+            log("\n".join(problems) + "\n" + cluster.log_tails())
+            raise
         log(f"healed: leader {leader}, a write succeeded {recovery_s:.2f}s after healing")
         history = clients.history + final_reads(cluster, clients.keys)
         history_path = os.path.join(base_dir, "history.jsonl")
         lin.save_history(history_path, history)
-        with open(os.path.join(base_dir, "nemesis.log"), "w", encoding="utf-8") as handle:
-            handle.write("\n".join(faults.events) + "\n")
         check_started = time.monotonic()
         result = lin.check(history, max_steps=max_check_steps)
         check_s = time.monotonic() - check_started
@@ -795,9 +1140,12 @@ def run_fault_test(base_dir: str, *, size: int = 3, duration_s: float = 20.0, se
         problems += missing[:20]
         hash_revision, hashes, hash_problems = hashes_agree(cluster)
         problems += hash_problems
+        for name, node in cluster.removed.items():
+            if node.process is not None and node.process.poll() != 0:
+                problems.append(f"removed member {name} did not stop by itself with status 0: {node.process.poll()}")
         if watchers:
-            problems += watch_problems(cluster, watchers, history, clients.keys)
-            for recorder in watchers:
+            problems += watch_problems(cluster, watchers, history, clients.keys, departed=departed)
+            for recorder in watchers + departed:
                 with open(os.path.join(base_dir, f"watch-{recorder.member}.jsonl"), "w", encoding="utf-8") as handle:
                     for revision, key, value in recorder.events:
                         handle.write(json.dumps([revision, key.decode(errors="replace"),
@@ -809,13 +1157,17 @@ def run_fault_test(base_dir: str, *, size: int = 3, duration_s: float = 20.0, se
                            checker_summary=result.summary().splitlines()[0], acked_writes=acked,
                            hash_revision=hash_revision, hashes=hashes, nemesis_events=faults.events,
                            problems=problems, history_path=history_path, check_s=check_s,
-                           watched_events=min((len(r.events) for r in watchers), default=0))
+                           watched_events=min((len(r.events) for r in watchers), default=0),
+                           members=[f"{name} (learner)" if name in cluster.learners else name
+                                    for name in cluster.names],
+                           removed={name: node.process.poll() if node.process else None
+                                    for name, node in cluster.removed.items()})
         with open(os.path.join(base_dir, "report.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(report), handle, indent=1, default=str)
         if problems:
             log(cluster.log_tails())
         return report
     finally:
-        for recorder in watchers:
+        for recorder in watchers + departed:
             recorder.stopping.set()  # (after a failure one may still be reconnecting to a member now gone)
         cluster.close()

@@ -1,16 +1,21 @@
 """Goal: a real cluster stays linearizable and loses no acknowledged write while
-members are killed, paused and cut off; the harness that says so would see it
-if it were not; the local-cluster tool starts and stops a cluster.
+members are killed, paused and cut off, and while members are added, promoted
+and removed (the leader too) and leadership is moved; the harness that says
+so would see it if it were not; the local-cluster tool starts and stops a
+cluster.
 
 Method: tests/cluster_harness.py starts real members on loopback with the
 cluster flags, runs client threads that record every call, and a seeded
 nemesis (kill -9 + restart, SIGSTOP/SIGCONT, isolation and partitions through
-the peer fault hook, the leader often); then heals, reads every key through
-every member, and checks the history with tools/linearizability.py, every
-acknowledged write on every member at its revision, and HashKV on every
-member. A stale read is provoked on purpose (serializable read from a cut-off
-member) to show the recorded history and the checker catch it. The seed is
-QUORUMKV_NEMESIS_SEED (default 1); the long run is `python -m tools.nemesis`.
+the peer fault hook, the leader often; membership changes in one test, the
+clients following the voters); then heals, reads every key through every
+member, and checks the history with tools/linearizability.py, every
+acknowledged write on every member at its revision, HashKV on every member,
+and that removed members stopped by themselves. A stale read is provoked on
+purpose (serializable read from a cut-off member) to show the recorded
+history and the checker catch it. The seed is QUORUMKV_NEMESIS_SEED (default
+1, plus 1000 / 2000 for the second and third runs, as their reports print);
+the long run is `python -m tools.nemesis`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import threading
 import time
 
 from protocol.client import Client
-from tests.cluster_harness import Cluster, NemesisConfig, WorkloadConfig, run_fault_test
+from tests.cluster_harness import Cluster, Nemesis, NemesisConfig, WorkloadConfig, run_fault_test
 from tests.conftest import REPO
 from tools import linearizability as lin
 
@@ -50,6 +55,28 @@ def test_five_members_under_the_nemesis(tmp_path):
     print("\n" + report.summary())
     assert report.ok, report.summary()
     assert report.acked_writes >= 50
+
+
+def test_three_members_under_the_nemesis_with_membership_changes(tmp_path):
+    """Faults and, about every other step, a membership change (MEMBER_PLAN: a
+    learner added then promoted, move-leader, a voter removed, the leader half
+    the time, a voter added at once), between 3 and 5 voters; clients follow
+    the voters. Removed members stop by themselves; the final checks run on
+    the members at the end. The run lasts until the first four changes of
+    the plan (one of each kind) are done."""
+    report = run_fault_test(str(tmp_path / "run"), size=3, duration_s=40, seed=SEED + 2000,
+                            workload=WorkloadConfig(clients=6, keys=3),
+                            nemesis=NemesisConfig(kinds=Nemesis.KINDS, member_share=0.5, min_member_steps=4,
+                                                  fault_s=(0.5, 2.0), calm_s=(0.3, 1.0)))
+    print("\n" + report.summary())
+    assert report.ok, report.summary()
+    events = "\n".join(report.nemesis_events)
+    for change in ("member add", "member promote", "move-leader", "member remove", "stopped by itself"):
+        assert change in events, f"no {change!r} in the nemesis log:\n{events}"
+    assert report.removed and all(status == 0 for status in report.removed.values()), report.removed
+    assert 3 <= len(report.members) <= 5 and not any("learner" in name for name in report.members)
+    assert report.acked_writes >= 50
+    assert report.watched_events >= report.acked_writes
 
 
 def test_a_stale_read_from_real_processes_is_caught(tmp_path):
@@ -97,9 +124,10 @@ def test_partition_writes_each_members_fault_file(tmp_path):
     cluster = Cluster(str(tmp_path), 5)
     cluster.partition(["n1", "n2"], ["n3", "n4"])  # n5 in no group: alone
 
-    def cut_off(name):
+    def cut_off(name):  # the file names members by id
         path = os.path.join(cluster.members[name].data_dir, "peer-faults")
-        return sorted(open(path, encoding="utf-8").read().split()) if os.path.exists(path) else []
+        ids = open(path, encoding="utf-8").read().split() if os.path.exists(path) else []
+        return sorted(cluster.names_by_id[int(member_id, 16)] for member_id in ids)
 
     assert cut_off("n1") == ["n3", "n4", "n5"]
     assert cut_off("n4") == ["n1", "n2", "n5"]

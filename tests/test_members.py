@@ -101,6 +101,23 @@ def test_leader_checks_give_etcds_errors():
     assert members.check_promote(single, second["ID"], 10, 10) == {"ID": second["ID"]}
 
 
+def test_a_removed_id_is_remembered_and_never_added_again():
+    """Goal: a removed member's peer URLs (so its ID) cannot come back: restarted
+    empty it would have forgotten its votes and would replay its own removal.
+    The removed set survives the table's wire form (the store and snapshots)."""
+    table = initial_table(three())
+    learner = members.check_add(table, ["http://127.0.0.1:9"], True, TOKEN)
+    table.apply_change("add_learner", learner["ID"], learner, 4)
+    table.apply_change("remove", learner["ID"], {}, 5)
+    stored = members.MemberTable.from_wire(table.to_wire())
+    assert stored.removed == {learner["ID"]} and stored.copy().removed == {learner["ID"]}
+    with pytest.raises(QuorumError, match="ID removed: a removed member's peer URLs"):
+        members.check_add(stored, ["http://127.0.0.1:9"], True, TOKEN)
+    assert members.check_add(stored, ["http://127.0.0.1:19"], True, TOKEN)["ID"] != learner["ID"]
+    old_form = {"members": table.listed(), "conf_index": 5}  # a table written before removals were kept
+    assert members.MemberTable.from_wire(old_form).removed == set()
+
+
 def test_context_round_trip():
     origin = [7, b"gateway-0", 3]
     member, back = members.unpack_context(members.pack_context({"ID": 5}, origin))

@@ -5,19 +5,25 @@
 The same run as the CI test (tests/test_cluster_faults.py, through
 tests/cluster_harness.py), for as long as asked: a cluster of --size members
 on loopback, --clients threads doing gets, puts and CAS txns with unique
-values on --keys keys through random members, and a seeded nemesis that
+values on --keys keys through random voters, and a seeded nemesis that
 kills -9 and restarts, pauses (SIGSTOP/SIGCONT) and cuts off members (the
-leader often), one fault at a time. Then everything is healed and checked:
-the history is linearizable (tools/linearizability.py), every acknowledged
-write is on every member at its revision, HashKV agrees on every member, and
-a watch through every member saw every write in order with no gap (during
-the run it asks for progress notifications every --watch-progress-seconds).
+leader often), and changes the membership (a learner added then promoted, a
+voter added, a voter removed, the leader too, move-leader; between --size
+and --size + 2 voters; a re-added member is a new member: new name, data
+dir and peer URL), one step at a time. Then everything is healed and
+checked: the history is linearizable (tools/linearizability.py), every
+acknowledged write is on every member at its revision, HashKV agrees on
+every member, removed members stopped by themselves, and a watch through
+every member saw every write in order with no gap (during the run it asks
+for progress notifications every --watch-progress-seconds).
 
 Exit status 0 when every check passed, 1 otherwise. The directory keeps the
 members' logs, the history (`history.jsonl`, re-check it with `python -m
-tools.linearizability D/history.jsonl`), the nemesis' schedule
-(`nemesis.log`), each watch's events (`watch-<name>.jsonl`) and `report.json`. With --seed the fault schedule and the
-clients' choices replay (timings, and so outcomes, do not).
+tools.linearizability D/history.jsonl`), the nemesis' schedule and
+membership changes (`nemesis.log`), each watch's events
+(`watch-<name>.jsonl`) and `report.json`. With --seed the fault schedule
+and the clients' choices replay (timings, and so outcomes, do not; nor
+does which member leads when a step targets "the leader").
 
 Run it from a checkout of the repository (it uses the tests' launcher).
 """
@@ -39,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clients", type=int, default=8, help="client threads (default 8)")
     parser.add_argument("--keys", type=int, default=3, help="keys the clients share (default 3)")
-    parser.add_argument("--faults", default="kill,pause,isolate,partition",
-                        help="comma-separated fault kinds (default: all of kill,pause,isolate,partition)")
+    parser.add_argument("--faults", default="kill,pause,isolate,partition,member",
+                        help="comma-separated fault kinds (default: all of kill,pause,isolate,partition,member)")
+    parser.add_argument("--member-share", type=float, default=None,
+                        help="with member among --faults: the chance a step is a membership change "
+                             "(default: as likely as each other kind)")
     parser.add_argument("--fault-seconds", type=float, nargs=2, default=(0.5, 2.5), metavar=("MIN", "MAX"))
     parser.add_argument("--calm-seconds", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"))
     parser.add_argument("--max-check-steps", type=int, default=None,
@@ -63,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(kinds) - set(Nemesis.KINDS)
     if unknown or not kinds:
         parser.error(f"--faults: unknown kinds {sorted(unknown)}; choose from {', '.join(Nemesis.KINDS)}")
+    if args.member_share is not None and not 0 <= args.member_share <= 1:
+        parser.error("--member-share must be in [0, 1]")
     directory = os.path.abspath(args.dir) if args.dir else tempfile.mkdtemp(prefix="quorumkv-nemesis-")
     if os.path.exists(os.path.join(directory, "n1.qkv")):
         parser.error(f"{directory} holds a previous run; give a new --dir")
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         directory, size=args.size, duration_s=args.duration, seed=args.seed,
         workload=WorkloadConfig(clients=args.clients, keys=args.keys, serializable_reads=args.serializable_reads),
         nemesis=NemesisConfig(kinds=kinds, fault_s=tuple(args.fault_seconds), calm_s=tuple(args.calm_seconds),
-                              max_steps=10**6),
+                              max_steps=10**6, member_share=args.member_share),
         max_check_steps=args.max_check_steps, watches=not args.no_watch,
         watch_progress_s=args.watch_progress_seconds or None, log=lambda line: print(line, flush=True))
     print(report.summary(), flush=True)
