@@ -11,13 +11,29 @@ the member it was proposed through); then every gateway hears
 how far the store got (APPLIED), and the raft log gets its acknowledgement
 (flow control and WAL release).
 
+A store copy received from the leader (a follower too far behind) arrives
+as INSTALL_SNAPSHOT once verified: the applier, between batches (so no
+apply is under way), installs it as a new store generation when it is
+ahead of the store (`MvccStore.install`: CURRENT is switched last), answers
+the raft log, subscribes again from the new applied index and broadcasts
+APPLIED with the new generation, on which readers reopen.
+
 Physical compaction runs in bounded steps between batches; a compaction
 request with `physical` is answered when its steps are done. Defragment
-runs here because it needs the writer.
+runs here because it needs the writer; the requests that arrive together
+share one.
+
+Nothing for a gateway is dropped because its queue is full (`GatewayOutbox`):
+a message ZeroMQ refuses (the gateway's queue at its high-water mark) waits,
+in order, and is resent every OUTBOX_RETRY_MS and before anything newer for
+that gateway. An APPLIED supersedes the held one. Held results are bounded
+by max_undelivered_results_per_gateway, which is at least what one gateway
+can be owed (its max_pending_requests_per_gateway writes in flight).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 
 import zmq
@@ -26,15 +42,92 @@ from actors import ipc
 from actors.config import NodeConfig
 from actors.gateway import map_size_bytes, store_dir
 from actors.loop import ActorLoop
+from actors.members import MemberTable, initial_table, unpack_context
 from actors.mvcc import MvccStore
+from actors.raft import ConfChange
 from protocol import codec
 from protocol.errors import QuorumError
 
 COMPACTION_STEP_MS = 10
+# How often messages a gateway's full queue refused are offered again.
+OUTBOX_RETRY_MS = 10
 RESUBSCRIBE_MS = 1000
 # At start, how long to wait for every gateway's HELLO before asking for
 # entries anyway: results for a gateway not yet connected would be lost.
 GATEWAY_WAIT_MS = 2000
+
+
+class GatewayOutbox:
+    """Sends to gateways over the applier's ROUTER and keeps, per gateway, what
+    its full queue refused, to resend in order (`flush`). Held: RESULTS and
+    DEFRAGMENT answers in order, then the latest APPLIED (it supersedes earlier
+    ones and goes after every result it covers). A gateway that is gone
+    (unroutable) has its held messages dropped: its clients lost their
+    connection with it."""
+
+    def __init__(self, socket: zmq.Socket, max_held_results: int, log):
+        self.socket = socket
+        self.max_held_results = max_held_results
+        self.log = log
+        self.held: dict[bytes, collections.deque] = {}
+        self.held_applied: dict[bytes, list] = {}
+        self.held_results: dict[bytes, int] = {}
+        self.results_dropped = 0  # over max_held_results: a bug, or a gateway that stopped reading
+
+    def send(self, gateway: bytes, message: list) -> None:
+        if message[0] == ipc.APPLIED:
+            self.held_applied[gateway] = message  # the newest applied state is all a gateway needs
+        else:
+            self.held.setdefault(gateway, collections.deque()).append(message)
+            if message[0] == ipc.RESULTS:
+                self._count_results(gateway, len(message[1]))
+        self._flush_one(gateway)
+
+    def held_count(self) -> int:
+        return sum(len(held) for held in self.held.values()) + len(self.held_applied)
+
+    def flush(self) -> None:
+        for gateway in list(self.held.keys() | self.held_applied.keys()):
+            self._flush_one(gateway)
+
+    def _count_results(self, gateway: bytes, count: int) -> None:
+        total = self.held_results.get(gateway, 0) + count
+        held = self.held[gateway]
+        while total > self.max_held_results:
+            # The oldest results go: their clients' requests expire (Timeout, an unknown outcome).
+            index = next(i for i, message in enumerate(held) if message[0] == ipc.RESULTS)
+            dropped = len(held[index][1])
+            del held[index]
+            total -= dropped
+            self.results_dropped += dropped
+            self.log.error("gateway not reading its results; oldest dropped", gateway=gateway.decode(),
+                           dropped=dropped, limit=self.max_held_results)
+        self.held_results[gateway] = total
+
+    def _flush_one(self, gateway: bytes) -> None:
+        held = self.held.get(gateway)
+        try:
+            while held:
+                self._send_now(gateway, held[0])
+                message = held.popleft()
+                if message[0] == ipc.RESULTS:
+                    self.held_results[gateway] -= len(message[1])
+            applied = self.held_applied.get(gateway)
+            if applied is not None:
+                self._send_now(gateway, applied)
+                del self.held_applied[gateway]
+        except zmq.Again:
+            return  # still full: kept for the next flush
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # That gateway is down; its clients lost their connection with it.
+            self.held_applied.pop(gateway, None)
+        self.held.pop(gateway, None)
+        self.held_results.pop(gateway, None)
+
+    def _send_now(self, gateway: bytes, message: list) -> None:
+        self.socket.send_multipart([gateway, codec.pack(message)], zmq.NOBLOCK)
 
 
 def open_writer(config: NodeConfig) -> MvccStore:
@@ -52,6 +145,8 @@ class Applier:
         self.cluster_id = config.cluster_id()
         self.gateway_identities = [ipc.gateway_identity(i) for i in range(config.gateway_count())]
         self.store = open_writer(config)
+        stored_members = self.store.member_table()
+        self.members = MemberTable.from_wire(stored_members) if stored_members else initial_table(config)
         self.context = zmq.Context()
         self.raft = self.context.socket(zmq.DEALER)
         self.raft.setsockopt(zmq.ROUTING_ID, ipc.APPLIER_IDENTITY)
@@ -64,12 +159,13 @@ class Applier:
         endpoint = ipc.applier_endpoint(config.data_dir)
         _remove_stale_socket(endpoint)
         self.gateways.bind(endpoint)
+        self.outbox = GatewayOutbox(self.gateways, self.limits.max_undelivered_results_per_gateway, log)
         # Physical compactions waiting for their steps: (gateway, request id, body).
         self.physical_compactions: list[tuple[bytes, object, dict]] = []
         self.idle_periods = 0
         self.gateways_heard: set[bytes] = set()
         self.subscribed = False
-        self.handlers = {ipc.ENTRIES: self._on_entries}
+        self.handlers = {ipc.ENTRIES: self._on_entries, ipc.INSTALL_SNAPSHOT: self._on_install_snapshot}
 
     def subscribe(self) -> None:
         self.subscribed = True
@@ -114,6 +210,8 @@ class Applier:
                     gateway = None  # proposed through another member: its applier answers
                 requests = [((gateway, request_id), op, body) for request_id, op, body in items]
                 physical.update(tag for tag, op, body in requests if op == "compaction" and body["physical"])
+            elif entry_type == ipc.ENTRY_CONF_CHANGE:
+                requests = self._member_table_write(index, data)
             entries.append((index, term, requests))
         if not entries:
             return
@@ -127,6 +225,43 @@ class Applier:
         self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
         self._send_results(results, term, physical)
         self._broadcast_applied()
+
+    def _on_install_snapshot(self, message: list) -> None:
+        _kind, path, applied_index = message
+        current = self.store.applied_index()
+        if applied_index <= current:
+            self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False,
+                                       f"store already at applied index {current}"]))
+            return
+        try:
+            generation = self.store.install(path, applied_index)
+        except (OSError, ValueError) as error:
+            self.log.error("snapshot install failed", path=path, error=str(error)[:200])
+            self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False, str(error)[:200]]))
+            return
+        # The snapshot carries the leader's member table as of its index.
+        stored_members = self.store.member_table()
+        if stored_members:
+            self.members = MemberTable.from_wire(stored_members)
+        self.log.info("snapshot installed", applied_index=applied_index, previous_applied_index=current,
+                      generation=generation, revision=self.store.revision())
+        # Physical compactions waiting on the old store are moot: answer them.
+        self._answer_physical_compactions()
+        self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, True, generation]))
+        self.subscribe()
+        self._broadcast_applied()
+
+    def _member_table_write(self, index: int, data: bytes) -> list:
+        """The store write of the member table a conf-change entry produces
+        (nothing for a change the table already holds: a redelivery)."""
+        if index <= self.members.conf_index:
+            return []
+        change = ConfChange.from_wire(codec.unpack(data))
+        member, _origin = unpack_context(change.context)
+        self.members.apply_change(change.kind, change.node_id, member, index)
+        self.log.info("member table changed", change=change.kind, member_id=f"{change.node_id:x}",
+                      members=len(self.members.members), index=index)
+        return [((None, 0), "member_table", self.members.to_wire())]
 
     def _send_results(self, results: list, term: int, physical: set) -> None:
         by_gateway: dict[bytes, list] = {}
@@ -153,14 +288,7 @@ class Applier:
             self._send(gateway, [ipc.RESULTS, items])
 
     def _send(self, gateway: bytes, message: list) -> None:
-        try:
-            self.gateways.send_multipart([gateway, codec.pack(message)], zmq.NOBLOCK)
-        except zmq.Again:
-            self.log.warning("gateway queue full, message dropped", gateway=gateway.decode())
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            # That gateway is down; its clients lost their connection with it.
+        self.outbox.send(gateway, message)
 
     def _broadcast_applied(self) -> None:
         message = [ipc.APPLIED, self.store.applied_index(), self.store.revision(), self.store.generation]
@@ -179,6 +307,7 @@ class Applier:
             self._send(gateway, [ipc.RESULTS, [[request_id, codec.STATUS_OK, body]]])
 
     def on_gateways(self, batch: list) -> None:
+        defragments = []  # (gateway, defrag_id): one defragment answers every request of the batch
         for parts in batch:
             if len(parts) != 2:
                 continue
@@ -194,19 +323,24 @@ class Applier:
                 self._send(gateway, [ipc.APPLIED, self.store.applied_index(), self.store.revision(),
                                      self.store.generation])
             elif kind == ipc.DEFRAGMENT and len(message) == 2:
-                self._defragment(gateway, message[1])
+                defragments.append((gateway, message[1]))
+        if defragments:
+            self._defragment(defragments)
         self.subscribe_when_gateways_heard()
 
-    def _defragment(self, gateway: bytes, defrag_id) -> None:
+    def _defragment(self, requests: list[tuple[bytes, object]]) -> None:
+        """One store copy for every request in `requests` (all arrived before it starts)."""
+        error = None
         try:
             while not self.store.compact_step():
                 pass  # finish a running compaction first: a defragment reclaims its space
             self._answer_physical_compactions()
             generation = self.store.defragment()
-            self.log.info("defragmented", generation=generation)
-            self._send(gateway, [ipc.DEFRAGMENT, defrag_id, None])
-        except QuorumError as error:
-            self._send(gateway, [ipc.DEFRAGMENT, defrag_id, error.to_wire()])
+            self.log.info("defragmented", generation=generation, requests=len(requests))
+        except QuorumError as failure:
+            error = failure.to_wire()
+        for gateway, defrag_id in requests:
+            self._send(gateway, [ipc.DEFRAGMENT, defrag_id, error])
         self._broadcast_applied()
 
     def close(self) -> None:
@@ -244,6 +378,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_socket(applier.raft, applier.on_raft, multipart=False)
     loop.add_socket(applier.gateways, applier.on_gateways)
     loop.add_timer(COMPACTION_STEP_MS, applier.compaction_step)
+    loop.add_timer(OUTBOX_RETRY_MS, applier.outbox.flush)
     loop.add_timer(RESUBSCRIBE_MS, applier.resubscribe_if_idle)
     loop.add_timer(GATEWAY_WAIT_MS, lambda: applier.subscribed or applier.subscribe())
     log.info("applier started", applied_index=applier.store.applied_index(), revision=applier.store.revision())

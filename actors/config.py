@@ -45,6 +45,7 @@ class NodeConfig:
     heartbeat_interval_ms: int = 100
     election_timeout_ms: int = 1000
     snapshot_count: int = 100_000
+    snapshot_catchup_entries: int = DEFAULT_LIMITS.snapshot_catchup_entries
     quota_backend_bytes: int = 0  # 0 = Limits.default_quota_backend_bytes, as etcd
     max_request_bytes: int = DEFAULT_LIMITS.max_request_bytes
     max_txn_ops: int = DEFAULT_LIMITS.max_txn_ops
@@ -57,7 +58,8 @@ class NodeConfig:
 
     # Derived, not flags.
     def limits(self) -> Limits:
-        return Limits(max_request_bytes=self.max_request_bytes, max_txn_ops=self.max_txn_ops)
+        return Limits(max_request_bytes=self.max_request_bytes, max_txn_ops=self.max_txn_ops,
+                      snapshot_catchup_entries=self.snapshot_catchup_entries)
 
     def effective_quota_bytes(self) -> int:
         return self.quota_backend_bytes or DEFAULT_LIMITS.default_quota_backend_bytes
@@ -81,9 +83,11 @@ class NodeConfig:
         return member_id_for(self.initial_advertise_peer_urls, self.initial_cluster_token)
 
     def cluster_id(self) -> int:
-        ids = sorted(member_id_for(urls, self.initial_cluster_token) for urls in self.cluster_members().values())
-        digest = hashlib.sha1(b"".join(i.to_bytes(8, "big") for i in ids)).digest()
-        return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+        # From the cluster token alone (etcd: from the initial members' IDs), so
+        # a member that joins later (--initial-cluster-state existing, with an
+        # --initial-cluster that lists itself) computes the same cluster ID.
+        digest = hashlib.sha1(b"quorumkv-cluster-id:" + self.initial_cluster_token.encode()).digest()
+        return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1) or 1
 
     def zmq_url(self) -> tuple[str, int]:
         """(host, port) the first gateway binds for the ZeroMQ client protocol."""
@@ -129,7 +133,7 @@ class NodeConfig:
 
 # The membership a data dir was created with (see with_stored_cluster).
 CLUSTER_FILE = "cluster.json"
-_CLUSTER_FIELDS = ("initial_cluster", "initial_cluster_token", "initial_advertise_peer_urls")
+_CLUSTER_FIELDS = ("initial_cluster", "initial_cluster_token", "initial_advertise_peer_urls", "initial_cluster_state")
 
 
 def with_stored_cluster(config: NodeConfig, log=None) -> NodeConfig:
@@ -147,6 +151,8 @@ def with_stored_cluster(config: NodeConfig, log=None) -> NodeConfig:
     except FileNotFoundError:
         stored = None
     if stored is not None:
+        # A file from before a field was kept: the flag's value for it.
+        stored = {name: stored.get(name, getattr(config, name)) for name in _CLUSTER_FIELDS}
         fields = {name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
                   for name in _CLUSTER_FIELDS}
         restored = dataclasses.replace(config, **fields)
@@ -218,6 +224,8 @@ FLAGS: dict[str, tuple[str, object, str]] = {
     "heartbeat-interval": ("heartbeat_interval_ms", int, "time (ms) of a heartbeat interval"),
     "election-timeout": ("election_timeout_ms", int, "time (ms) for an election to timeout"),
     "snapshot-count": ("snapshot_count", int, "number of committed entries that trigger a snapshot"),
+    "experimental-snapshot-catchup-entries": ("snapshot_catchup_entries", int,
+                                              "entries kept after a snapshot for slow followers to catch up"),
     "quota-backend-bytes": ("quota_backend_bytes", int, "raise an alarm when the backend size exceeds this"),
     "max-request-bytes": ("max_request_bytes", int, "maximum client request size in bytes"),
     "max-txn-ops": ("max_txn_ops", int, "maximum number of operations in a txn"),

@@ -96,6 +96,7 @@ class Gateway:
             ipc.READ_INDEX_FAILED: lambda m: self.core.on_read_index_failed(m[1], m[2]),
             ipc.RAFT_STATUS: lambda m: self.core.on_raft_status(m[1], m[2]),
             ipc.LEASE_REPLY: lambda m: self.core.on_lease_replies(m[1]),
+            ipc.MEMBER_REPLY: lambda m: self.core.on_member_replies(m[1]),
         }
         self.applier_handlers = {
             ipc.RESULTS: lambda m: self.core.on_results(m[1]),
@@ -169,6 +170,11 @@ class Gateway:
             if not lease_batch:
                 break
             self.raft.send(codec.pack([ipc.LEASE_REQUEST, lease_batch]))
+        while True:  # bounded: the queue only shrinks here
+            member_batch = self.core.take_member_requests()
+            if not member_batch:
+                break
+            self.raft.send(codec.pack([ipc.MEMBER_REQUEST, member_batch]))
         read_id = self.core.take_read_index_request()
         if read_id is not None:
             self.raft.send(codec.pack([ipc.READ_INDEX, read_id]))

@@ -14,7 +14,14 @@ and sorts it into one of three paths:
   log as one PROPOSE per pass and the applier's RESULTS complete them;
 - lease keep-alives and time-to-live go to the leader's lessor in the raft
   log (LEASE_REQUEST); its LEASE_REPLY completes them (time-to-live adds
-  the attached keys from the local store).
+  the attached keys from the local store);
+- membership requests and move_leader go to the raft log (MEMBER_REQUEST);
+  its MEMBER_REPLY completes them.
+
+A learner (the raft log's status says so) refuses everything but status,
+serializable reads and snapshots, as etcd 3.4 ("rpc not supported for
+learner"); the raft log refuses proposals and read indexes of a learner
+too, so a stale flag here never lets one through.
 
 The core never touches a socket: replies go to `emit(origin, status,
 body)` and work for the raft log and the applier is collected in
@@ -38,7 +45,9 @@ SERVER_VERSION = "3.4.0-quorumkv.0.1"
 
 # Operations the gateway answers without the log: reads of the local store,
 # and node-local maintenance handled by the actor.
-_LOCAL_OPS = {"hello", "status", "hash_kv", "alarm", "defragment", "snapshot", "lease_leases"}
+_LOCAL_OPS = {"hello", "status", "hash_kv", "hash", "alarm", "defragment", "snapshot", "lease_leases"}
+# What a learner serves (etcd 3.4's isRPCSupportedForLearner, plus our hello and the snapshot stream).
+_LEARNER_OPS = {"hello", "status", "snapshot"}
 # Operations the leader's lessor answers (remaining TTLs live only there).
 _LESSOR_OPS = {"lease_keep_alive", "lease_time_to_live"}
 
@@ -58,6 +67,7 @@ class GatewayCore:
         self.min_lease_ttl_s = min_lease_ttl_s
         self.raft_term = 0
         self.raft_status: dict = {}
+        self.is_learner = False
         self.applied_index = store.applied_index()
         # Writes: gw_request_id -> origin, and the proposals not yet sent.
         self.next_request_id = 1
@@ -79,16 +89,22 @@ class GatewayCore:
         self.next_lease_request_id = 1
         self.lease_requests_unsent: list[list] = []
         self.lease_requests_pending: dict[int, tuple] = {}
+        # Membership requests for the raft log: not yet sent, and sent (id -> (origin, op)).
+        self.next_member_request_id = 1
+        self.member_requests_unsent: list[list] = []
+        self.member_requests_pending: dict[int, object] = {}
         # Expiry (expire_unanswered): ids below these marks were issued before the previous call.
         self.write_expiry_mark = self.next_request_id
         self.lease_expiry_mark = self.next_lease_request_id
+        self.member_expiry_mark = self.next_member_request_id
         # Local handlers for node-local ops the actor implements (snapshot, defragment, hello).
         self.local_handlers: dict[str, Callable[[object, dict], None]] = {}
 
     # ---- intake -------------------------------------------------------
 
     def pending_count(self) -> int:
-        return len(self.pending_writes) + self.reads_held + len(self.lease_requests_pending)
+        return (len(self.pending_writes) + self.reads_held + len(self.lease_requests_pending)
+                + len(self.member_requests_pending))
 
     def submit(self, origin: object, op: object, body: object, size_bytes: int = 0) -> None:
         """Take one request; `size_bytes` is its encoded size (for batch bounds)."""
@@ -108,6 +124,8 @@ class GatewayCore:
     def _route(self, origin: object, op: str, body: dict, size_bytes: int) -> None:
         if self.pending_count() >= self.limits.max_pending_requests_per_gateway:
             raise QuorumError("TooManyRequests", "gateway queue is full")
+        if self.is_learner and op not in _LEARNER_OPS and not (op == "range" and body["serializable"]):
+            raise QuorumError("LearnerNotSupported")
         if messages.is_write(op, body):
             self._queue_write(origin, op, body, size_bytes)
         elif op == "range":
@@ -120,6 +138,11 @@ class GatewayCore:
             self.status_waiting.append(origin)
         elif op in _LESSOR_OPS:
             self._queue_lease_request(origin, op, body)
+        elif op in messages.MEMBER_OPS:
+            request_id = self.next_member_request_id
+            self.next_member_request_id += 1
+            self.member_requests_pending[request_id] = (origin, op)
+            self.member_requests_unsent.append([request_id, op, body])
         elif op in self.local_handlers:
             self.local_handlers[op](origin, body)
         elif op in _LOCAL_OPS:
@@ -167,6 +190,8 @@ class GatewayCore:
             response = self.store.range(body)
         elif op == "hash_kv":
             response = self.store.hash_kv(body["revision"])
+        elif op == "hash":
+            response = self.store.hash_all()
         elif op == "alarm":
             response = {"header": {"revision": self.store.revision()}, "alarms": self.store.alarms()}
         elif op == "lease_time_to_live":
@@ -198,6 +223,13 @@ class GatewayCore:
         count = self.limits.max_proposal_batch_requests
         batch = self.lease_requests_unsent[:count]
         del self.lease_requests_unsent[:count]
+        return batch
+
+    def take_member_requests(self) -> list[list]:
+        """The next MEMBER_REQUEST batch (bounded), or [] if none is queued."""
+        count = self.limits.max_proposal_batch_requests
+        batch = self.member_requests_unsent[:count]
+        del self.member_requests_unsent[:count]
         return batch
 
     def take_read_index_request(self) -> int | None:
@@ -250,6 +282,17 @@ class GatewayCore:
                     response["keys"] = self.store.lease_time_to_live(request)["keys"]
             self.emit(origin, STATUS_OK, response)
 
+    def on_member_replies(self, replies: list) -> None:
+        for request_id, status, body in replies:
+            pending = self.member_requests_pending.pop(request_id, None)
+            if pending is None:
+                continue
+            origin, op = pending
+            if status == STATUS_OK:
+                # etcd's Cluster service header has no revision; Maintenance's (move_leader) has.
+                body = dict(body, header=self.header(self.store.revision() if op == "move_leader" else 0))
+            self.emit(origin, status, body)
+
     def on_read_index(self, read_id: int, index: int) -> None:
         reads = self.reads_in_round.pop(read_id, None)
         if reads is None:
@@ -279,6 +322,7 @@ class GatewayCore:
     def on_raft_status(self, status_id: int, status: dict) -> None:
         self.raft_status = status
         self.raft_term = status.get("term", self.raft_term)
+        self.is_learner = bool(status.get("is_learner", False))
         waiting = self.status_in_flight.pop(status_id, [])
         if not waiting:
             return
@@ -293,7 +337,7 @@ class GatewayCore:
             "raft_term": status.get("term", 0),
             "raft_applied_index": store_status["raft_applied_index"],
             "errors": [],
-            "is_learner": False,
+            "is_learner": self.is_learner,
         }
         alarms = self.store.alarms()
         if alarms:
@@ -320,8 +364,13 @@ class GatewayCore:
             origin, _op, _body = self.lease_requests_pending.pop(request_id)
             self.fail(origin, QuorumError("Timeout"))
             expired += 1
+        for request_id in list(itertools.takewhile(lambda i: i < self.member_expiry_mark,
+                                                   self.member_requests_pending)):
+            self.fail(self.member_requests_pending.pop(request_id)[0], QuorumError("Timeout"))
+            expired += 1
         self.write_expiry_mark = self.next_request_id
         self.lease_expiry_mark = self.next_lease_request_id
+        self.member_expiry_mark = self.next_member_request_id
         return expired
 
     def fail_everything(self, code: str) -> None:
@@ -334,6 +383,10 @@ class GatewayCore:
             self.fail(origin, error)
         self.lease_requests_pending.clear()
         self.lease_requests_unsent.clear()
+        for origin, _op in self.member_requests_pending.values():
+            self.fail(origin, error)
+        self.member_requests_pending.clear()
+        self.member_requests_unsent.clear()
         self.proposals.clear()
         self.proposal_sizes.clear()
         for origin, _op, _body in self.reads_unrequested:

@@ -40,7 +40,7 @@ Threads and bounds: a handler thread has one request in flight at a time;
 thread, so they are bounded apart (watch streams by `WATCH_STREAMS_MAX`,
 waiting Lock / Campaign / Observe calls by `RECIPE_WAITS_MAX`, beyond which
 they are refused with RESOURCE_EXHAUSTED) and the pool has room for them
-beside 64 threads of short calls. A request larger than
+beside `SHORT_CALL_THREADS` threads of short calls. A request larger than
 `--max-request-bytes` plus etcd's 512 KiB of gRPC overhead is refused by
 grpcio, and one larger than `--max-request-bytes` by the core, as etcd does.
 """
@@ -69,7 +69,8 @@ from protocol.etcd.v3electionpb import v3election_pb2_grpc as epb_grpc
 from protocol.etcd.v3lockpb import v3lock_pb2_grpc as lpb_grpc
 
 # Threads for short calls, plus one for every long-lived stream or wait allowed.
-WORKER_THREADS = 64 + WATCH_STREAMS_MAX + RECIPE_WAITS_MAX
+SHORT_CALL_THREADS = 64
+WORKER_THREADS = SHORT_CALL_THREADS + WATCH_STREAMS_MAX + RECIPE_WAITS_MAX
 CONCURRENT_RPCS_MAX = 1024
 # etcd's grpcOverheadBytes: room for gRPC framing on top of --max-request-bytes.
 GRPC_OVERHEAD_BYTES = 512 * 1024
@@ -307,7 +308,9 @@ class GrpcFront:
 
 # ---- services: protobuf in, core request, protobuf out --------------------------
 
-class KVService(pb_grpc.KVServicer):
+class _CoreCalls:
+    """What the services share: an RPC that is one core request of the same meaning."""
+
     def __init__(self, front: GrpcFront):
         self.front = front
 
@@ -315,6 +318,8 @@ class KVService(pb_grpc.KVServicer):
         body = self.front.call(op, to_body(request), request.ByteSize(), context)
         return to_message(response_class, body)
 
+
+class KVService(_CoreCalls, pb_grpc.KVServicer):
     def Range(self, request, context):
         return self._unary("range", request, pb.RangeResponse, context)
 
@@ -331,14 +336,7 @@ class KVService(pb_grpc.KVServicer):
         return self._unary("compaction", request, pb.CompactionResponse, context)
 
 
-class LeaseService(pb_grpc.LeaseServicer):
-    def __init__(self, front: GrpcFront):
-        self.front = front
-
-    def _unary(self, op: str, request, response_class, context):
-        body = self.front.call(op, to_body(request), request.ByteSize(), context)
-        return to_message(response_class, body)
-
+class LeaseService(_CoreCalls, pb_grpc.LeaseServicer):
     def LeaseGrant(self, request, context):
         return self._unary("lease_grant", request, pb.LeaseGrantResponse, context)
 
@@ -357,18 +355,12 @@ class LeaseService(pb_grpc.LeaseServicer):
             yield self._unary("lease_keep_alive", request, pb.LeaseKeepAliveResponse, context)
 
 
-class MaintenanceService(pb_grpc.MaintenanceServicer):
-    def __init__(self, front: GrpcFront):
-        self.front = front
-
-    def _unary(self, op: str, body: dict, response_class, context):
-        return to_message(response_class, self.front.call(op, body, 0, context))
-
+class MaintenanceService(_CoreCalls, pb_grpc.MaintenanceServicer):
     def Status(self, request, context):
-        return self._unary("status", {}, pb.StatusResponse, context)
+        return self._unary("status", request, pb.StatusResponse, context)
 
     def HashKV(self, request, context):
-        return self._unary("hash_kv", to_body(request), pb.HashKVResponse, context)
+        return self._unary("hash_kv", request, pb.HashKVResponse, context)
 
     def Defragment(self, request, context):
         self.front.call("defragment", {}, 0, context)
@@ -383,10 +375,10 @@ class MaintenanceService(pb_grpc.MaintenanceServicer):
         return to_message(pb.AlarmResponse, answer)
 
     def Hash(self, request, context):
-        return self._unary("hash", {}, pb.HashResponse, context)
+        return self._unary("hash", request, pb.HashResponse, context)
 
     def MoveLeader(self, request, context):
-        return self._unary("move_leader", to_body(request), pb.MoveLeaderResponse, context)
+        return self._unary("move_leader", request, pb.MoveLeaderResponse, context)
 
     def Snapshot(self, request, context):
         for status, body in self.front.answers("snapshot", {}, 0, context):
@@ -395,15 +387,8 @@ class MaintenanceService(pb_grpc.MaintenanceServicer):
             yield to_message(pb.SnapshotResponse, body)
 
 
-class ClusterService(pb_grpc.ClusterServicer):
+class ClusterService(_CoreCalls, pb_grpc.ClusterServicer):
     """Membership: each call is the native op of the same name (etcd's fields as they are)."""
-
-    def __init__(self, front: GrpcFront):
-        self.front = front
-
-    def _unary(self, op: str, request, response_class, context):
-        body = self.front.call(op, to_body(request), request.ByteSize(), context)
-        return to_message(response_class, body)
 
     def MemberAdd(self, request, context):
         return self._unary("member_add", request, pb.MemberAddResponse, context)

@@ -17,9 +17,9 @@ the mapping, only decides which answers a gRPC client gets to see:
   and the reason, as etcd's server does;
 - a cancel's own answer is dropped: the watch's last response (canceled)
   is etcd's answer to a cancel, and an unknown id gets none, as in etcd;
-- progress answers (watch id -1) pass through; on a stream without watches,
-  where the broadcaster answers none, the answer is the broadcaster's
-  revision at once, as etcd 3.4's;
+- progress answers (watch id -1) pass through; on a stream without watches
+  (or whose last ones are being canceled), where the broadcaster answers
+  none, the answer is the broadcaster's revision at once, as etcd 3.4's;
 - an empty key becomes "\\x00" (etcd's smallest key), as etcd's server does.
 
 grpcio gives a streaming handler its requests as a blocking iterator, so a
@@ -32,10 +32,13 @@ stream's watches and catches them up from the store later; requests wait in
 a queue of `WATCH_REQUESTS_QUEUED_MAX`. Memory per stream is bounded.
 
 Liveness: the handler pings the broadcaster when nothing came for a second.
-When the broadcaster restarted (another `stream_epoch`) or forgot the
-stream (its ping answer lacks a live watch), or answers nothing for
-`WATCH_PING_TIMEOUT_S`, the RPC ends with UNAVAILABLE: etcd's clients then
-watch again from their last revision + 1, as after a server restart.
+When the broadcaster restarted (another `stream_epoch`, or a ping answered
+before a create sent earlier: the create went to the old one) or forgot the
+stream (its ping answer lacks a live watch), or sends nothing for
+`WATCH_PING_TIMEOUT_S` (time the handler spends handing responses to a
+slow gRPC reader does not count), the RPC ends with UNAVAILABLE: etcd's
+clients then watch again from their last revision + 1, as after a server
+restart.
 """
 
 from __future__ import annotations
@@ -55,14 +58,16 @@ from protocol import codec
 from protocol.codec import STATUS_ERROR, STATUS_OK
 from protocol.errors import QuorumError
 from protocol.etcd.etcdserverpb import rpc_pb2 as pb, rpc_pb2_grpc as pb_grpc
+from protocol.watch import DEFAULT_PING_INTERVAL_S, DEFAULT_PING_TIMEOUT_S
 
 # Long-lived streams hold a handler thread each: at most this many per gateway.
 WATCH_STREAMS_MAX = 64
 WATCH_RECEIVE_FRAMES_MAX = 8
 WATCH_REQUESTS_QUEUED_MAX = 64
 WATCH_FRAMES_PER_PASS = 8
-WATCH_PING_INTERVAL_S = 1.0
-WATCH_PING_TIMEOUT_S = 3.0
+# The native watch client's liveness rule (protocol/watch.py), kept the same here.
+WATCH_PING_INTERVAL_S = DEFAULT_PING_INTERVAL_S
+WATCH_PING_TIMEOUT_S = DEFAULT_PING_TIMEOUT_S
 # How long a new stream waits for the broadcaster to announce its endpoint.
 BROADCASTER_WAIT_S = 5.0
 BROADCASTER_WAIT_STEP_S = 0.1
@@ -71,8 +76,13 @@ POLL_MAX_S = 0.5
 # etcd's watch id for a response that is about no one watch (refused create, progress).
 NO_WATCH_ID = -1
 CANCEL_REASON_EMPTY_RANGE = "mvcc: watcher range is empty"
+# Requests answered by a `watch_ping` of their own (see take_request).
+PING_KINDS = ("watch_ping", "refused", "progress_alone")
 # Progress requests a stream may have unanswered before the oldest is forgotten.
 PROGRESS_WAITING_MAX = 64
+
+
+_stream_numbers = itertools.count(1)
 
 
 class BroadcasterLostError(Exception):
@@ -88,12 +98,17 @@ class WatchTranslator:
         self.ids = itertools.count(1)
         self.kinds: dict[int, str] = {}  # request id -> op, until its final answer
         self.live: set[int] = set()  # watch ids the gRPC client was told are created
+        self.canceling: set[int] = set()  # live watch ids with a cancel sent
         self.epoch: int | None = None
         self.header = dict(fallback_header)
         self.ping_id: int | None = None
         # Creates refused without the broadcaster: ping request id -> the answer it stands for.
         self.refusals: dict[int, dict] = {}
         self.progress_ids: collections.deque[int] = collections.deque()
+        # Creates sent and not answered yet. The broadcaster answers a create at
+        # once and a stream's requests in order, so a later ping answered first
+        # means the create went to a broadcaster that is gone.
+        self.unanswered_creates: set[int] = set()
 
     def take_request(self, request: pb.WatchRequest) -> list | None:
         """[request_id, op, body] for the broadcaster, or None for a request etcd ignores."""
@@ -116,10 +131,13 @@ class WatchTranslator:
                 return [request_id, "watch_ping", {}]
         elif kind == "cancel_request":
             op, body = "watch_cancel", {"watch_id": request.cancel_request.watch_id}
+            if body["watch_id"] in self.live:
+                self.canceling.add(body["watch_id"])
         elif kind == "progress_request":
-            if not self.live and "watch_create" not in self.kinds.values():
-                # No watch on the stream: the broadcaster answers no progress there, etcd 3.4
-                # answers at once with its revision; a ping's answer (in order) carries it.
+            if self.live <= self.canceling and not self.unanswered_creates:
+                # No watch on the stream once the broadcaster reads this (canceled ones
+                # included): it answers no progress there, etcd 3.4 answers at once
+                # with its revision; a ping's answer (in order) carries it.
                 request_id = next(self.ids)
                 self.kinds[request_id] = "progress_alone"
                 return [request_id, "watch_ping", {}]
@@ -128,6 +146,8 @@ class WatchTranslator:
             return None
         request_id = next(self.ids)
         self.kinds[request_id] = op
+        if op == "watch_create":
+            self.unanswered_creates.add(request_id)
         if op == "watch_progress":
             self.progress_ids.append(request_id)
             if len(self.progress_ids) > PROGRESS_WAITING_MAX:
@@ -149,6 +169,9 @@ class WatchTranslator:
         if status != codec.STATUS_PARTIAL:
             del self.kinds[request_id]
         self._check_epoch(body)
+        self.unanswered_creates.discard(request_id)
+        if op in PING_KINDS and self.unanswered_creates and min(self.unanswered_creates) < request_id:
+            raise BroadcasterLostError("the watch broadcaster lost a create (it restarted)")
         if isinstance(body.get("header"), dict):
             self.header = body["header"]
         if op == "watch_create":
@@ -186,6 +209,7 @@ class WatchTranslator:
             self.live.add(body["watch_id"])
         if body.get("canceled"):
             self.live.discard(body["watch_id"])
+            self.canceling.discard(body["watch_id"])
             if body.get("compact_revision"):
                 # etcd 3.4 cancels for compaction with compact_revision alone: no
                 # cancel_reason and a header without a revision.
@@ -225,7 +249,10 @@ class WatchStream:
         self.translator = WatchTranslator({"cluster_id": gateway.core.cluster_id,
                                            "member_id": gateway.core.member_id})
         self.closed = threading.Event()
-        self.requests_address = f"inproc://grpc-watch-{os.getpid()}-{id(self)}"
+        # Unique for the process's life: ZeroMQ frees an inproc address some time
+        # after close (in its reaper thread), and a new stream often gets the id()
+        # of the one just gone.
+        self.requests_address = f"inproc://grpc-watch-{os.getpid()}-{next(_stream_numbers)}"
 
     def serve(self, request_iterator):
         endpoint = self._broadcaster_endpoint()
@@ -295,7 +322,6 @@ class WatchStream:
             if requests in ready:
                 self._forward_requests(dealer, requests)
             if dealer in ready:
-                last_heard = time.monotonic()
                 for _ in range(WATCH_FRAMES_PER_PASS):
                     try:
                         frame = dealer.recv(zmq.NOBLOCK)
@@ -304,6 +330,10 @@ class WatchStream:
                     for request_id, status, body in codec.decode_response_frame(frame):
                         for response in self.translator.on_response(request_id, status, body):
                             yield to_watch_response(response)
+                    # Taken after the yields: a slow gRPC reader holds this thread in them
+                    # for as long as it likes, and that time is no silence of the broadcaster's
+                    # (a ping's answer waits behind the frames it sent before it).
+                    last_heard = time.monotonic()
             now = time.monotonic()
             if self.translator.ping_id is not None:
                 if now - max(ping_sent_at, last_heard) > WATCH_PING_TIMEOUT_S:

@@ -24,17 +24,31 @@ gateway -> raft log
       op "lease_keep_alive" {"ID"} and "lease_time_to_live" {"ID", "keys"}
       (bodies validated). A leader whose lessor is not promoted yet (the
       applier is still applying earlier terms) holds them until it is.
+  [MEMBER_REQUEST, [[member_request_id, op, body], ...]]
+      Membership and leadership transfer (protocol.messages.MEMBER_OPS,
+      bodies validated). member_list is answered from the raft log's member
+      table; the changes are checked and proposed as conf-change entries by
+      the leader (a follower forwards them, actors.peer) and answered by
+      this member's raft log once the entry is applied here; move_leader is
+      answered by the leader once leadership moved.
 raft log -> gateway
+  [MEMBER_REPLY, [[member_request_id, status, body], ...]]   (status as protocol.codec)
+      body {"members": [...]} (member_add: also "member"; move_leader: {}),
+      without a header (the gateway adds it).
   [PROPOSE_FAILED, [gw_request_id, ...], error_code]  (e.g. "NoLeader")
       On a follower a PROPOSE is forwarded to the leader (actors.peer);
       its result still comes from this member's applier.
+  [LEADER_CHANGED, term, leader, commit_index]
+      The term or the leader (0: none) changed. Writes the gateway sent
+      before and still unanswered once commit_index is applied are answered
+      LeaderChanged (outcome unknown).
   [READ_INDEX, read_id, index]
   [READ_INDEX_FAILED, read_id, error_code]
       "NoLeader", "LeaderChanged", or "Timeout" (no answer from the leader
       within 2 election timeouts). On a follower the read index comes from
       the leader (Raft ReadIndex forwarding).
   [RAFT_STATUS, status_id, {"term", "leader", "commit_index", "last_index",
-                            "member_id", "cluster_id", "snapshot_index"}]
+                            "member_id", "cluster_id", "snapshot_index", "is_learner"}]
   [LEASE_REPLY, [[lease_request_id, status, body], ...]]   (status as protocol.codec)
       keep-alive: {"ID", "TTL"}: the granted TTL, 0 if the lease is unknown
       or expired; time-to-live: {"ID", "TTL", "grantedTTL"}: remaining whole
@@ -52,6 +66,13 @@ applier -> raft log
       a lease_revoke (applied, or the lease was already gone). The leader's
       lessor follows the store with them.
 raft log -> applier
+  [INSTALL_SNAPSHOT, path, applied_index]
+      A verified store copy received from the leader (actors/snapshot_stream.py):
+      install it as a new store generation if it is ahead of the store.
+      Answered [SNAPSHOT_INSTALLED, applied_index, ok, generation_or_reason],
+      then (when ok) a SUBSCRIBE from the new applied index and an APPLIED
+      broadcast naming the new generation (gateways and the watch
+      broadcaster reopen).
   [ENTRIES, [[index, term, entry_type, data], ...]]
       Committed entries in order, with no gaps. For ENTRY_NORMAL, data is
       msgpack [member_id, gateway_identity, [[gw_request_id, op, body], ...]]:
@@ -60,7 +81,9 @@ raft log -> applier
       is its own.
       The leader's lessor proposes the revokes of expired leases itself, as
       entries from gateway_identity b"lessor": their results go nowhere.
-      An ENTRY_EMPTY (a new leader's no-op) has data b"".
+      An ENTRY_EMPTY (a new leader's no-op) has data b"". An
+      ENTRY_CONF_CHANGE's data is actors.raft.ConfChange.encode(): the
+      applier stores the member table it produces (actors.members).
 
 gateway -> applier
   [HELLO]
@@ -92,6 +115,11 @@ DEFRAGMENT = "defragment"
 RESULTS = "results"
 LEASE_REQUEST = "lease_request"
 LEASE_REPLY = "lease_reply"
+INSTALL_SNAPSHOT = "install_snapshot"
+SNAPSHOT_INSTALLED = "snapshot_installed"
+MEMBER_REQUEST = "member_request"
+MEMBER_REPLY = "member_reply"
+LEADER_CHANGED = "leader_changed"
 
 ENTRY_NORMAL = 0
 ENTRY_EMPTY = 1

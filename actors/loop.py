@@ -99,7 +99,8 @@ class ActorLoop:
         while self.running:  # the actor's one unbounded loop
             # pyzmq retries a poll interrupted by a signal (EINTR) itself.
             ready = dict(self.poller.poll(self._next_timeout_ms()))
-            for socket, handler in self.handlers.items():
+            # A copy: a handler may register a socket (a peer transport brought up by a membership change).
+            for socket, handler in list(self.handlers.items()):
                 if socket in ready:
                     batch = self._drain(socket)
                     if batch:

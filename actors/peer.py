@@ -2,10 +2,11 @@
 
 How this works: each member binds one ROUTER on its --listen-peer-urls port
 and connects one DEALER to every other member's advertised peer URL (from
---initial-cluster), with ROUTING_ID = its own member id (8 bytes, big
-endian). Each loop pass the actor queues what the core's Ready asks to send
-and `flush()` sends ONE frame per peer (more only past
-max_append_entries_bytes): batching, Python pays per call.
+the member table, actors.members), with ROUTING_ID = its own member id (8
+bytes, big endian). Membership changes add, remove and re-point dealers
+(`add_peer`, `remove_peer`, `update_peer`). Each loop pass the actor queues
+what the core's Ready asks to send and `flush()` sends ONE frame per peer
+(more only past max_append_entries_bytes): batching, Python pays per call.
 
 Wire format (one ZeroMQ frame, msgpack):
 
@@ -27,6 +28,21 @@ Wire format (one ZeroMQ frame, msgpack):
   - ["lease_request", gateway_identity, items] / ["lease_reply",
     gateway_identity, replies]: keep-alive and time-to-live, answered by
     the leader's lessor (ipc.LEASE_REQUEST / LEASE_REPLY items).
+  - ["snap_chunk", header, offset, data] / ["snap_ack", transfer_id,
+    received_bytes] / ["snap_result", transfer_id, ok, reason]: a snapshot
+    transfer (actors/snapshot_transfer.py, actors/snapshot_stream.py). A
+    bare MsgSnap among the raft messages is dropped: only the actor steps
+    one, once its store is installed.
+  - ["member_request", gateway_identity, items] / ["member_reply",
+    gateway_identity, replies]: membership changes (ipc.MEMBER_REQUEST
+    items) for the leader to check and propose, and its refusals; a change
+    it proposed is answered by the requesting member once applied there.
+  - ["publish", record]: a member's name and client URLs for the leader to
+    put in the member table (etcd's publish).
+  - ["removed"]: "you were removed from the cluster". A member sends it to a
+    removed member when it removes it and whenever a frame from it arrives
+    (rate-limited), through a dealer it keeps for that (etcd's peers answer
+    a removed member's messages with "removed member").
 
 Stale, duplicated and reordered frames (ZeroMQ replays queued frames after a
 partition heals or a peer restarts) are normal input: the Raft core ignores
@@ -63,6 +79,9 @@ FAULTS_CHECK_MS = 100
 _WARN_INTERVAL_S = 5.0
 # Bytes counted per message on top of its entries' data (headers, framing).
 _MESSAGE_OVERHEAD_BYTES = 64
+# Removed members a transport keeps a dealer to (to tell them), and how often it tells each.
+MAX_REMOVED_PEERS_KEPT = 16
+REMOVED_NOTICE_INTERVAL_S = 1.0
 
 
 def token_hash(token: str) -> int:
@@ -78,9 +97,14 @@ def identity_of(member_id: int) -> bytes:
 
 
 def cluster_peers(config: NodeConfig) -> dict[int, tuple[str, str]]:
-    """member id -> (name, first advertised peer URL), for every member of the cluster."""
+    """member id -> (name, first advertised peer URL), for every member of --initial-cluster."""
     return {member_id_for(urls, config.initial_cluster_token): (name, urls[0])
             for name, urls in config.cluster_members().items()}
+
+
+def table_peers(records: list[dict]) -> dict[int, tuple[str, str]]:
+    """member id -> (name or hex id, first peer URL), from member records."""
+    return {rec["ID"]: (rec["name"] or f"{rec['ID']:x}", sorted(rec["peerURLs"])[0]) for rec in records}
 
 
 def _tcp_endpoint(url: str) -> str:
@@ -93,16 +117,22 @@ def _tcp_endpoint(url: str) -> str:
 
 
 class PeerTransport:
-    def __init__(self, context: zmq.Context, config: NodeConfig, log):
+    def __init__(self, context: zmq.Context, config: NodeConfig, log,
+                 members: dict[int, tuple[str, str]] | None = None):
         self.config = config
+        self.context = context
         self.log = log
         self.limits = config.limits()
         self.member_id = config.member_id()
         self.token = token_hash(config.initial_cluster_token)
-        members = cluster_peers(config)
-        assert self.member_id in members, "this member is not in --initial-cluster"
+        members = cluster_peers(config) if members is None else members
+        assert self.member_id in members, "this member is not in the member table"
         self.names = {member_id: name for member_id, (name, _url) in members.items()}
         self.peers = sorted(member_id for member_id in members if member_id != self.member_id)
+        self.urls = {member_id: url for member_id, (_name, url) in members.items()}
+        # Removed members: a dealer kept to tell them so, and when we last did.
+        self.removed: dict[int, zmq.Socket] = {}
+        self.removed_told_s: dict[int, float] = {}
         self.router = context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.RCVHWM, self.limits.peer_high_water_mark)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
@@ -113,15 +143,7 @@ class PeerTransport:
         self.router.bind(_tcp_endpoint(config.listen_peer_urls[0]))
         self.dealers: dict[int, zmq.Socket] = {}
         for peer in self.peers:
-            dealer = context.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.ROUTING_ID, identity_of(self.member_id))
-            dealer.setsockopt(zmq.SNDHWM, self.limits.peer_high_water_mark)
-            dealer.setsockopt(zmq.IMMEDIATE, 1)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.RECONNECT_IVL, 50)
-            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            dealer.connect(_tcp_endpoint(members[peer][1]))
-            self.dealers[peer] = dealer
+            self.dealers[peer] = self._dealer(members[peer][1])
         # Per peer: [raft messages (encoded), forwards], and the raft bytes queued.
         self.outbox: dict[int, list] = {}
         self.outbox_bytes: dict[int, int] = {}
@@ -132,6 +154,70 @@ class PeerTransport:
         self.frames_refused = 0
         self.last_warning_s: dict[str, float] = {}
         self.reload_faults()
+
+    def _dealer(self, url: str) -> zmq.Socket:
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, identity_of(self.member_id))
+        dealer.setsockopt(zmq.SNDHWM, self.limits.peer_high_water_mark)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 50)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.connect(_tcp_endpoint(url))
+        return dealer
+
+    # ---- membership changes -------------------------------------------------------
+
+    def add_peer(self, member_id: int, name: str, url: str) -> None:
+        if member_id == self.member_id or member_id in self.dealers:
+            return
+        stale = self.removed.pop(member_id, None)
+        if stale is not None:
+            stale.close(0)
+        self.names[member_id] = name
+        self.urls[member_id] = url
+        self.dealers[member_id] = self._dealer(url)
+        self.peers = sorted(self.dealers)
+        self.log.info("peer added", peer=name, member_id=f"{member_id:x}", url=url)
+
+    def update_peer(self, member_id: int, name: str, url: str) -> None:
+        self.names[member_id] = name
+        if member_id not in self.dealers or self.urls.get(member_id) == url:
+            return
+        self.dealers.pop(member_id).close(0)
+        self.outbox.pop(member_id, None)
+        self.outbox_bytes.pop(member_id, None)
+        self.urls[member_id] = url
+        self.dealers[member_id] = self._dealer(url)
+        self.log.info("peer URL changed", peer=name, member_id=f"{member_id:x}", url=url)
+
+    def remove_peer(self, member_id: int) -> None:
+        """Stop talking Raft with a removed member; keep a dealer to tell it so."""
+        dealer = self.dealers.pop(member_id, None)
+        if dealer is None:
+            return
+        self.peers = sorted(self.dealers)
+        self.outbox.pop(member_id, None)
+        self.outbox_bytes.pop(member_id, None)
+        if len(self.removed) >= MAX_REMOVED_PEERS_KEPT:
+            oldest = next(iter(self.removed))
+            self.removed.pop(oldest).close(0)
+            self.removed_told_s.pop(oldest, None)
+        self.removed[member_id] = dealer
+        self.log.info("peer removed", peer=self.names.get(member_id, f"{member_id:x}"), member_id=f"{member_id:x}")
+        self.tell_removed(member_id)
+
+    def tell_removed(self, member_id: int) -> None:
+        """Send ["removed"] to a removed member, at most once per REMOVED_NOTICE_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self.removed_told_s.get(member_id, -REMOVED_NOTICE_INTERVAL_S) < REMOVED_NOTICE_INTERVAL_S:
+            return
+        self.removed_told_s[member_id] = now
+        frame = ormsgpack.packb([PEER_WIRE_VERSION, self.token, self.member_id, [], [["removed"]]])
+        try:
+            self.removed[member_id].send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.removed_told_s.pop(member_id, None)  # not connected yet: try at its next frame
 
     # ---- fault injection ----------------------------------------------------------
 
@@ -228,6 +314,9 @@ class PeerTransport:
         _version, token, sender, raft_messages, forwards = value
         if token != self.token:
             return self._refuse("another cluster token (--initial-cluster-token differs)", peer=identity.hex())
+        if type(sender) is int and sender in self.removed and identity == identity_of(sender):
+            self.tell_removed(sender)
+            return None
         if type(sender) is not int or sender not in self.dealers or identity != identity_of(sender):
             return self._refuse("sender is not a member of this cluster", peer=identity.hex())
         if sender in self.cut_off:
@@ -257,6 +346,6 @@ class PeerTransport:
         return None
 
     def close(self) -> None:
-        for dealer in self.dealers.values():
+        for dealer in list(self.dealers.values()) + list(self.removed.values()):
             dealer.close(0)
         self.router.close(0)

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     log = logs.configure(config.name, "supervisor", config.log_level)
     os.makedirs(config.data_dir, exist_ok=True)
     config = node_config.with_stored_cluster(config, log)
+    if os.path.exists(os.path.join(config.data_dir, "removed")):
+        log.error("the member has been permanently removed from the cluster; not starting "
+                  "(start a new member with an empty data dir)", data_dir=os.path.abspath(config.data_dir))
+        return 1
     prepare_data_dir(config)
     host, port = config.zmq_url()
     log.info("starting node", data_dir=os.path.abspath(config.data_dir), zmq=f"tcp://{host}:{port}",

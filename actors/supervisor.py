@@ -6,7 +6,9 @@ that exits is restarted after a backoff that doubles on every quick crash
 (up to RESTART_BACKOFF_MAX_MS) and resets once the child has stayed up for
 RESTART_BACKOFF_RESET_MS. SIGTERM or SIGINT stops the group: SIGTERM to
 every child, SIGKILL to those still alive after STOP_GRACE_MS. Children
-exit by themselves when the supervisor dies (see actors.loop).
+exit by themselves when the supervisor dies (see actors.loop). A raft log
+that exits with EXIT_MEMBER_REMOVED found this member removed from the
+cluster: the supervisor stops the whole node (as etcd's removed member).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ STOP_GRACE_MS = 5000
 WAIT_INTERVAL_MS = 50
 
 CONFIG_ENV = "QUORUMKV_CONFIG_JSON"
+# The raft log's exit status when this member was removed from the cluster.
+EXIT_MEMBER_REMOVED = 3
 
 
 @dataclasses.dataclass
@@ -68,6 +72,12 @@ class Supervisor:
 
     def _on_exit(self, child: Child, returncode: int) -> None:
         now = time.monotonic()
+        if child.role == "raft_log" and returncode == EXIT_MEMBER_REMOVED:
+            self.log.error("the member has been permanently removed from the cluster; stopping the node",
+                           member_id=f"{self.config.member_id():x}")
+            child.process = None
+            self.stopping = True
+            return
         if (now - child.started_at) * 1000 >= RESTART_BACKOFF_RESET_MS:
             child.backoff_ms = RESTART_BACKOFF_MIN_MS
         self.log.warning("child exited, restarting", child=child.name, returncode=returncode,
@@ -87,6 +97,8 @@ class Supervisor:
         while not self.stopping:  # the supervisor's one unbounded loop
             now = time.monotonic()
             for child in self.children:
+                if self.stopping:
+                    break
                 if child.process is not None:
                     returncode = child.process.poll()
                     if returncode is not None:

@@ -10,7 +10,11 @@ The CRC covers the length, the type and the payload. Record types:
 
     RECORD_ENTRIES     [[index, term, entry_type, data], ...]  (consecutive)
     RECORD_HARD_STATE  [term, vote, commit]
-    RECORD_SNAPSHOT    [index, term, conf_state]
+    RECORD_SNAPSHOT    [index, term, conf_state] or [index, term, conf_state, True]
+
+A snapshot record with a fourth element True is a *reset*: the log was
+reset to a snapshot installed from the leader (`reset_to_snapshot`); replay
+drops every entry before it, the entries after it follow the snapshot.
 
 Writers append records to a buffered file; `sync()` flushes and calls ONE
 fdatasync for everything appended since the last sync (group commit). Nothing
@@ -232,8 +236,11 @@ class Wal:
             recovery.hard_state = HardState(*payload)
             return
         if record_type == RECORD_SNAPSHOT:
-            marker = SnapshotMarker(*payload)
-            if marker.index >= recovery.snapshot.index:
+            marker = SnapshotMarker(*payload[:3])
+            if len(payload) == 4 and payload[3] is True:
+                recovery.snapshot = marker
+                recovery.entries.clear()
+            elif marker.index >= recovery.snapshot.index:
                 recovery.snapshot = marker
             return
         if not payload:
@@ -316,6 +323,24 @@ class Wal:
         self.snapshot = SnapshotMarker(index, term, conf_state)
         self._write(RECORD_SNAPSHOT, [index, term, conf_state])
         self._maybe_rotate()
+
+    def reset_to_snapshot(self, index: int, term: int, conf_state, hard_state: HardState) -> None:
+        """The log restarts at an installed snapshot: a new segment opens with
+        the hard state and a reset record, is synced, and then every older
+        segment is removed (a crash in between replays the reset: the older
+        entries are dropped either way). Entries appended next follow `index`."""
+        assert index >= self.snapshot.index and hard_state.term >= self.hard_state.term, (index, hard_state)
+        self.hard_state = hard_state
+        self.snapshot = SnapshotMarker(index, term, conf_state)
+        self.last_index = index
+        self._open_segment(index + 1)
+        self._write(RECORD_SNAPSHOT, [index, term, conf_state, True])
+        self.sync()
+        old, self.segments = self.segments[:-1], self.segments[-1:]
+        for segment in old:
+            os.remove(segment.path)
+        if old:
+            _fsync_directory(self.directory, self.fsync)
 
     def sync(self) -> bool:
         """Make everything appended so far durable with one fdatasync. Returns

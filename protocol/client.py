@@ -95,6 +95,11 @@ class PeerURLExistError(QuorumError): pass
 class MemberNotLearnerError(QuorumError): pass
 class LearnerNotReadyError(QuorumError): pass
 class TooManyLearnersError(QuorumError): pass
+class MemberBadURLsError(QuorumError): pass
+class MemberNotEnoughStartedError(QuorumError): pass
+class LearnerNotSupportedError(QuorumError): pass
+class BadLeaderTransfereeError(QuorumError): pass
+class LeaderTransferTimeoutError(QuorumError): pass
 class MalformedFrameError(QuorumError): pass
 class UnsupportedVersionError(QuorumError): pass
 class UnknownOpError(QuorumError): pass
@@ -143,6 +148,11 @@ ERROR_CLASSES: dict[str, type[QuorumError]] = {
     "MemberNotLearner": MemberNotLearnerError,
     "LearnerNotReady": LearnerNotReadyError,
     "TooManyLearners": TooManyLearnersError,
+    "MemberBadURLs": MemberBadURLsError,
+    "MemberNotEnoughStarted": MemberNotEnoughStartedError,
+    "LearnerNotSupported": LearnerNotSupportedError,
+    "BadLeaderTransferee": BadLeaderTransfereeError,
+    "LeaderTransferTimeout": LeaderTransferTimeoutError,
     "MalformedFrame": MalformedFrameError,
     "UnsupportedVersion": UnsupportedVersionError,
     "UnknownOp": UnknownOpError,
@@ -769,8 +779,33 @@ class Client:
     def hash_kv(self, revision: int = 0) -> dict:
         return self.request("hash_kv", {"revision": revision})
 
+    def hash(self) -> dict:
+        """Maintenance Hash: {"hash"} of the whole key space at the current revision."""
+        return self.request("hash", {})
+
     def alarm_list(self) -> dict:
         return self.request("alarm", {"action": messages.ALARM_GET})
+
+    # -- cluster membership (etcd's Cluster service) and leadership
+
+    def member_list(self) -> dict:
+        return self.request("member_list", {})
+
+    def member_add(self, peer_urls: list[str], is_learner: bool = False) -> dict:
+        return self.request("member_add", {"peerURLs": list(peer_urls), "isLearner": is_learner})
+
+    def member_remove(self, member_id: int) -> dict:
+        return self.request("member_remove", {"ID": member_id})
+
+    def member_update(self, member_id: int, peer_urls: list[str]) -> dict:
+        return self.request("member_update", {"ID": member_id, "peerURLs": list(peer_urls)})
+
+    def member_promote(self, member_id: int) -> dict:
+        return self.request("member_promote", {"ID": member_id})
+
+    def move_leader(self, target_id: int) -> dict:
+        """Must go to the leader (NotLeaderError otherwise); answered once leadership moved."""
+        return self.request("move_leader", {"targetID": target_id})
 
     def alarm_disarm(self, member_id: int = 0, alarm: int = messages.ALARM_NONE) -> dict:
         """Deactivate alarms; with no arguments, every alarm currently raised (as etcdctl)."""

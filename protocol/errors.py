@@ -71,6 +71,12 @@ _CODES = [
     ErrorCode("MemberNotLearner", FAILED_PRECONDITION, "etcdserver: can only promote a learner member"),
     ErrorCode("LearnerNotReady", FAILED_PRECONDITION, "etcdserver: can only promote a learner member which is in sync with leader"),
     ErrorCode("TooManyLearners", FAILED_PRECONDITION, "etcdserver: too many learner members in cluster"),
+    ErrorCode("MemberBadURLs", INVALID_ARGUMENT, "etcdserver: given member URLs are invalid"),
+    ErrorCode("MemberNotEnoughStarted", FAILED_PRECONDITION,
+              "etcdserver: re-configuration failed due to not enough started members"),
+    ErrorCode("LearnerNotSupported", UNAVAILABLE, "etcdserver: rpc not supported for learner"),
+    ErrorCode("BadLeaderTransferee", FAILED_PRECONDITION, "etcdserver: bad leader transferee"),
+    ErrorCode("LeaderTransferTimeout", UNAVAILABLE, "etcdserver: request timed out, leader transfer took too long"),
     # quorumkv's own: protocol and validation errors without an etcd twin.
     ErrorCode("MalformedFrame", INVALID_ARGUMENT, "quorumkv: malformed frame"),
     ErrorCode("UnsupportedVersion", INVALID_ARGUMENT, "quorumkv: unsupported protocol version"),

@@ -53,8 +53,18 @@ class Limits:
     # Frames queued per peer connection (each up to about max_append_entries_bytes);
     # past it a frame to that peer is dropped and Raft retransmits.
     peer_high_water_mark: int = 64
-    # Snapshot streaming chunk.
+    # Snapshot streaming chunk (client snapshots and member-to-member transfers).
     snapshot_chunk_bytes: int = 1 * MIB
+    # Member-to-member snapshot transfers (actors/snapshot_transfer.py): chunks
+    # unacknowledged per transfer, transfers a leader sends at once, the time
+    # without acked progress before chunks are resent and before a transfer
+    # is aborted (and retried), and the pause before a peer whose transfer
+    # failed gets another.
+    snapshot_chunks_in_flight: int = 4
+    max_outgoing_snapshots: int = 2
+    snapshot_retransmit_ms: int = 1000
+    snapshot_stall_timeout_ms: int = 10_000
+    snapshot_retry_backoff_ms: int = 1000
     # Compaction deletes at most this many revisions per LMDB transaction so
     # the applier keeps serving writes while a large compaction runs.
     compaction_batch_revisions: int = 10_000
@@ -91,6 +101,11 @@ class Limits:
             raise ValueError("max_apply_batch_bytes must be >= max_proposal_batch_bytes")
         if self.wal_segment_bytes < self.max_proposal_batch_bytes:
             raise ValueError("wal_segment_bytes must be >= max_proposal_batch_bytes")
+        if self.snapshot_chunk_bytes * self.snapshot_chunks_in_flight + self.max_append_entries_bytes > \
+                self.max_frame_bytes:
+            raise ValueError("a peer frame (max_frame_bytes) must hold a window of snapshot chunks and an append")
+        if self.snapshot_stall_timeout_ms < self.snapshot_retransmit_ms:
+            raise ValueError("snapshot_stall_timeout_ms must be >= snapshot_retransmit_ms")
         if self.default_quota_backend_bytes > self.max_quota_backend_bytes:
             raise ValueError("default quota exceeds the maximum quota")
 

@@ -76,6 +76,16 @@ SCHEMAS: dict[str, dict[str, tuple[type, object]]] = {
     "lease_time_to_live": {"ID": (_INT, 0), "keys": (_BOOL, False)},
     "lease_keep_alive": {"ID": (_INT, 0)},
     "lease_leases": {},
+    # Cluster membership (etcd's Cluster service) and leadership transfer:
+    # answered by the raft log (changes go through the log as conf changes).
+    "member_list": {},
+    "member_add": {"peerURLs": (_LIST, []), "isLearner": (_BOOL, False)},
+    "member_remove": {"ID": (_INT, 0)},
+    "member_update": {"ID": (_INT, 0), "peerURLs": (_LIST, [])},
+    "member_promote": {"ID": (_INT, 0)},
+    "move_leader": {"targetID": (_INT, 0)},
+    # Maintenance Hash: a hash of the whole key space at the current revision.
+    "hash": {},
     # Watch streams, served by the watch broadcaster's endpoint (hello's "watch").
     "watch_create": {
         "key": (_BYTES, b""),
@@ -278,7 +288,16 @@ def validate_body(op: str, body: object, limits: Limits) -> dict:
         _validate_watch_create(normalised)
     elif op == "lease_grant" and normalised["ID"] < 0:
         raise invalid("lease_grant: ID must not be negative")
+    elif op in ("member_add", "member_update"):
+        urls = normalised["peerURLs"]
+        if not urls or not all(isinstance(url, str) and url for url in urls):
+            raise QuorumError("MemberBadURLs")
     return normalised
+
+
+# The membership operations (the raft log answers them).
+MEMBER_OPS = frozenset({"member_list", "member_add", "member_remove", "member_update", "member_promote",
+                        "move_leader"})
 
 
 def _validate_watch_create(body: dict) -> None:

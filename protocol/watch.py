@@ -36,7 +36,7 @@ from protocol import codec
 from protocol.client import (
     Client, CompactedError, DeadlineExceededError, _key_range, error_from_wire, normalise_endpoint, to_bytes,
 )
-from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
+from protocol.codec import STATUS_ERROR, STATUS_OK
 from protocol.limits import DEFAULT_LIMITS
 
 FILTER_NOPUT, FILTER_NODELETE = 0, 1

@@ -760,7 +760,7 @@ def test_watch_answers_as_etcd(pair):
 
 def stream_answers(endpoint: Endpoint) -> list:
     """One stream with several watches: ids chosen and assigned, a duplicate id,
-    an unknown cancel, a live write seen by two watches, a cancel."""
+    an unknown cancel, a live write seen by two watches, a cancel, no id reused."""
     stream = WatchStream(endpoint)
     answers = []
     try:
@@ -781,6 +781,11 @@ def stream_answers(endpoint: Endpoint) -> list:
         for step in (put(b"s/c", b"1"), delete(b"s/c")):  # watch 1 alone, with prev_kv
             assert "response" in endpoint.run(*step)
             answers.append(normalise_watch_response(stream.next()))
+        # A canceled id is not given out again (etcd 3.4 counts ids up), so a
+        # late response for the old watch cannot pass for the new one's.
+        stream.send(pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=0)))
+        stream.send(watch_create(b"s/d"))
+        answers.extend(normalise_watch_response(stream.next()) for _ in range(2))
     finally:
         stream.close()
     return answers

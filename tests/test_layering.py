@@ -20,8 +20,10 @@ PURE_MODULES = [
     "protocol/errors.py",
     "actors/mvcc/core.py",
     "actors/lessor.py",
+    "actors/members.py",
     "actors/compactor.py",
     "actors/watch/core.py",
+    "actors/snapshot_transfer.py",
     *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "actors/raft/*.py"))),
 ]
 

@@ -9,10 +9,6 @@ Method: one node with the gRPC port and the JSON gateway
   status; in a child process (tests/grpc_client_scenarios.py), because its
   .proto registrations clash with ours in one process. The same scenarios
   pass against a real etcd 3.4.
-
-pyetcd's watch scenario needs etcd's gRPC Watch service, and its status
-scenario the Cluster service with the core's `member_list` operation (pyetcd
-asks MemberList for the leader); each is skipped until the node has it.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ import threading
 
 import pytest
 
-from protocol import messages
 from tests.conftest import REPO, Node, free_port
 from tests.test_json_gateway import wait_for_http_listeners
 
@@ -38,11 +33,6 @@ def require(module: str):
     if os.environ.get("CI"):
         return __import__(module)
     return pytest.importorskip(module, reason="pip install -e '.[test]' installs it")
-
-
-def grpc_front_serves(servicer: str) -> bool:
-    with open(os.path.join(REPO, "actors", "grpc_front.py"), encoding="utf-8") as source:
-        return f"add_{servicer}Servicer_to_server" in source.read()
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +165,9 @@ def test_pyetcd_leases_and_lock(both_ports_node):
     run_scenario("leases", both_ports_node)
 
 
-@pytest.mark.skipif(not grpc_front_serves("Watch"), reason="needs etcd's gRPC Watch service in grpc_front.py")
 def test_pyetcd_watch_and_contested_lock(both_ports_node):
     run_scenario("watch", both_ports_node)
 
 
-@pytest.mark.skipif(not grpc_front_serves("Cluster") or "member_list" not in messages.SCHEMAS,
-                    reason="pyetcd's status() asks the gRPC Cluster service (the core's member_list op)")
 def test_pyetcd_status(both_ports_node):
     run_scenario("status", both_ports_node)

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     compaction.add_argument("args", nargs="*")
     compaction.add_argument("--physical", action="store_true",
                             help="'true' to wait for compaction to physically remove all old revisions")
-    _leaf(commands, "defrag", "defrag", "Defragments the storage of the etcd members with given endpoints")
+    defrag = _leaf(commands, "defrag", "defrag", "Defragments the storage of the etcd members with given endpoints")
     _leaf(commands, "version", "version", "Prints the version of quorumctl")
 
     alarm = _group(commands, "alarm", "Alarm related commands")
@@ -262,10 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     _leaf(alarm, "disarm", "alarm disarm", "Disarms all alarms")
 
     endpoint = _group(commands, "endpoint", "Endpoint related commands")
-    _leaf(endpoint, "status", "endpoint status", "Prints out the status of endpoints specified in `--endpoints` flag")
-    _leaf(endpoint, "health", "endpoint health", "Checks the healthiness of endpoints specified in `--endpoints` flag")
+    endpoint_status = _leaf(endpoint, "status", "endpoint status",
+                            "Prints out the status of endpoints specified in `--endpoints` flag")
+    endpoint_health = _leaf(endpoint, "health", "endpoint health",
+                            "Checks the healthiness of endpoints specified in `--endpoints` flag")
     hashkv = _leaf(endpoint, "hashkv", "endpoint hashkv", "Prints the KV history hash for each endpoint in --endpoints")
     hashkv.add_argument("--rev", type=int, default=0, help="maximum revision to hash (default: all revisions)")
+    for leaf in (endpoint_status, endpoint_health, hashkv, defrag):
+        leaf.add_argument("--cluster", action="store_true",
+                          help="use all endpoints from the cluster member list")
+
+    member = _group(commands, "member", "Membership related commands")
+    member_add = _leaf(member, "add", "member add", "Adds a member into the cluster")
+    member_add.add_argument("args", nargs="*")
+    member_add.add_argument("--peer-urls", default="", help="comma separated peer URLs for the new member.")
+    member_add.add_argument("--learner", action="store_true", help="indicates if the new member is raft learner")
+    member_remove = _leaf(member, "remove", "member remove", "Removes a member from the cluster")
+    member_remove.add_argument("args", nargs="*")
+    member_update = _leaf(member, "update", "member update", "Updates a member in the cluster")
+    member_update.add_argument("args", nargs="*")
+    member_update.add_argument("--peer-urls", default="", help="comma separated peer URLs for the updated member.")
+    _leaf(member, "list", "member list", "Lists all members in the cluster")
+    member_promote = _leaf(member, "promote", "member promote", "Promotes a non-voting member in the cluster")
+    member_promote.add_argument("args", nargs="*")
+    move_leader = _leaf(commands, "move-leader", "move-leader", "Transfers leadership to another etcd cluster member.")
+    move_leader.add_argument("args", nargs="*")
 
     snapshot = _group(commands, "snapshot", "Manages etcd node snapshots")
     save = _leaf(snapshot, "save", "snapshot save", "Stores an etcd node backend snapshot to a given file")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from protocol.client import Client, DeadlineExceededError
 from protocol.errors import QuorumError
-from tools import ctl_format
+from tools import ctl_format, ctl_members
 from tools.ctl_args import (
     EXIT_BAD_ARGS, EXIT_BAD_CONNECTION, EXIT_BAD_FEATURE, EXIT_ERROR, EXIT_INTERRUPTED,
     CtlError, delete_request, get_request, go_parse_int, parse_args, put_request,
@@ -49,12 +49,23 @@ class Context:
         self.stderr = stderr
         self.stdin = stdin
         self._clients: list[Client] = []
+        self._targets: list[tuple[str, str]] | None = None
         if options.write_out not in ctl_format.FORMATS:
             raise CtlError(EXIT_BAD_FEATURE, "unsupported output format")
 
     @property
     def endpoints(self) -> list[str]:
         return [e.strip() for e in self.options.endpoints.split(",") if e.strip()]
+
+    def endpoint_targets(self) -> list[tuple[str, str]]:
+        """(endpoint as printed, address to connect to): --endpoints, or with
+        --cluster every member's client URL (tools.ctl_members)."""
+        if self._targets is None:
+            if getattr(self.options, "cluster", False):
+                self._targets = ctl_members.cluster_endpoints(self)
+            else:
+                self._targets = [(endpoint, endpoint) for endpoint in self.endpoints]
+        return self._targets
 
     def client(self, endpoints: list[str] | None = None) -> Client:
         """A client of the given endpoints (default: --endpoints).
@@ -145,9 +156,9 @@ def cmd_compaction(ctx: Context) -> int:
 
 def cmd_defrag(ctx: Context) -> int:
     failed = False
-    for endpoint in ctx.endpoints:
+    for endpoint, address in ctx.endpoint_targets():
         try:
-            ctx.client([endpoint]).defragment()
+            ctx.client([address]).defragment()
             ctx.write(f"Finished defragmenting etcd member[{endpoint}]\n")
         except QuorumError as error:
             ctx.write(f"Failed to defragment etcd member[{endpoint}] ({_error_text(error)})\n", to_stderr=True)
@@ -168,9 +179,9 @@ def cmd_alarm_disarm(ctx: Context) -> int:
 def _per_endpoint(ctx: Context, fetch: Callable[[Client], dict], what: str) -> tuple[list, str | None]:
     """(endpoint, response) for each endpoint that answered, and the last failure's text."""
     results, failure = [], None
-    for endpoint in ctx.endpoints:
+    for endpoint, address in ctx.endpoint_targets():
         try:
-            results.append((endpoint, fetch(ctx.client([endpoint]))))
+            results.append((endpoint, fetch(ctx.client([address]))))
         except QuorumError as error:
             failure = _error_text(error)
             ctx.write(f"Failed to get the {what} of endpoint {endpoint} ({failure})\n", to_stderr=True)
@@ -192,12 +203,12 @@ def cmd_endpoint_hashkv(ctx: Context) -> int:
     return 0
 
 
-def _check_health(ctx: Context, endpoint: str) -> dict:
+def _check_health(ctx: Context, endpoint: str, address: str) -> dict:
     """etcdctl's health check: a linearizable read commits, and no alarm is raised."""
     started = time.monotonic()
     health = {"endpoint": endpoint, "health": False, "took": "", "error": ""}
     try:
-        client = ctx.client([endpoint])
+        client = ctx.client([address])
         client.get("health")
         health["health"] = True
     except QuorumError as error:
@@ -217,7 +228,7 @@ def _check_health(ctx: Context, endpoint: str) -> dict:
 
 
 def cmd_endpoint_health(ctx: Context) -> int:
-    healths = [_check_health(ctx, endpoint) for endpoint in ctx.endpoints]
+    healths = [_check_health(ctx, endpoint, address) for endpoint, address in ctx.endpoint_targets()]
     # Healthy ones first, as etcdctl's concurrent checks tend to report them.
     healths.sort(key=lambda h: not h["health"])
     ctx.emit("endpoint_health", healths)
@@ -424,6 +435,12 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "lease timetolive": cmd_lease_timetolive,
     "lease list": cmd_lease_list,
     "lease keep-alive": cmd_lease_keep_alive,
+    "member add": ctl_members.cmd_member_add,
+    "member remove": ctl_members.cmd_member_remove,
+    "member update": ctl_members.cmd_member_update,
+    "member list": ctl_members.cmd_member_list,
+    "member promote": ctl_members.cmd_member_promote,
+    "move-leader": ctl_members.cmd_move_leader,
     "lock": cmd_lock,
     "elect": cmd_elect,
     "watch": cmd_watch,

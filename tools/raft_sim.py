@@ -3,9 +3,11 @@ deterministic simulation of whole clusters.
 
 How this works: `Network` holds RawNodes with MemoryStorages (what advance()
 stored survives `crash()`, unstable entries do not). `process()` runs every
-node's Ready cycle — persist, then collect messages, then apply — and delivers
-messages through filters (`drop`, `cut`, `isolate`), so a test can script exact
-scenarios; `simulate(seed)` is a small random walk over it.
+node's Ready cycle — persist, then collect messages, then apply (membership
+changes through `apply_conf_change`, unless a test holds them back with
+`hold_conf_changes`) — and delivers messages through filters (`drop`, `cut`,
+`isolate`), so a test can script exact scenarios; `simulate(seed)` is a small
+random walk over it.
 
 `Simulation` (below, "The deterministic simulation") is the full one: 3 or 5
 nodes running the real Raft core and the real MVCC apply logic, a seeded event
@@ -33,8 +35,9 @@ import ormsgpack
 from actors.mvcc.core import KeyEncoding, MvccWriter
 from actors.mvcc.memory_backend import MemoryBackend
 from actors.raft import (
-    ENTRY_NORMAL, ROLE_LEADER, Config, ConfState, Entry, HardState, MemoryStorage, MsgAppResp, MsgPreVote,
-    MsgPreVoteResp, MsgSnap, MsgVoteResp, ProposalDropped, RawNode, ReadIndexDropped,
+    ENTRY_CONF_CHANGE, ENTRY_NORMAL, ROLE_LEADER, BadTransferee, ConfChange, ConfChangeInvalid, Config, ConfState,
+    Entry, HardState, MemoryStorage, MsgAppResp, MsgPreVote, MsgPreVoteResp, MsgSnap, MsgTimeoutNow, MsgVoteResp,
+    ProposalDropped, RawNode, ReadIndexDropped,
 )
 from protocol.messages import COMPARE_GREATER, TARGET_VERSION
 
@@ -45,10 +48,13 @@ class Network:
         self.rng = random.Random(seed)
         self.config_overrides = dict(election_ticks=10, heartbeat_ticks=1)
         self.config_overrides.update(config_overrides)
-        self.storages = {node_id: MemoryStorage(ConfState(tuple(self.ids))) for node_id in self.ids}
+        self.initial_conf_state = ConfState(tuple(self.ids))
+        self.storages = {node_id: MemoryStorage(self.initial_conf_state) for node_id in self.ids}
         self.nodes: dict[int, RawNode] = {}
         for node_id in self.ids:
             self.start(node_id)
+        self.hold_conf_changes: set[int] = set()  # nodes whose changes wait for apply_held_conf_changes()
+        self.held_conf_changes: dict[int, list[ConfChange]] = {node_id: [] for node_id in self.ids}
         self.in_flight: list = []
         self.dropped: set[tuple[int, int]] = set()
         self.drop_probability = 0.0
@@ -65,11 +71,30 @@ class Network:
         self.nodes[node_id] = RawNode(config, self.storages[node_id], random.Random(self.rng.random()))
 
     def crash(self, node_id: int) -> None:
-        """Lose everything not durable (unstable entries, volatile state), restart."""
+        """Lose everything not durable (unstable entries, volatile state), restart
+        (from the initial configuration: the committed changes are applied again)."""
         self.in_flight = [message for message in self.in_flight if message.to != node_id]
         self.delayed = [message for message in self.delayed if message.to != node_id]
         self.applied[node_id] = []
+        self.held_conf_changes[node_id] = []
         self.start(node_id)
+
+    def add_node(self, node_id: int) -> None:
+        """Start a new, empty member (it knows the initial configuration and
+        learns the rest from the log, as a joining etcd member does)."""
+        assert node_id not in self.nodes
+        self.ids = sorted(self.ids + [node_id])
+        self.storages[node_id] = MemoryStorage(self.initial_conf_state)
+        self.applied[node_id] = []
+        self.read_states[node_id] = []
+        self.held_conf_changes[node_id] = []
+        self.start(node_id)
+
+    def apply_held_conf_changes(self, node_id: int) -> None:
+        held, self.held_conf_changes[node_id] = self.held_conf_changes[node_id], []
+        for change in held:
+            self.nodes[node_id].apply_conf_change(change)
+        self.process()
 
     # ---- filters ----------------------------------------------------------------
 
@@ -113,8 +138,9 @@ class Network:
                 if self.reorder:
                     self.rng.shuffle(messages)
                 for message in messages:
-                    self.nodes[message.to].step(message)
-                    self.delivered_count += 1
+                    if message.to in self.nodes:  # (a member added to the config but not started yet: lost)
+                        self.nodes[message.to].step(message)
+                        self.delivered_count += 1
             if not progressed:
                 return
         raise AssertionError("network did not quiesce")
@@ -134,6 +160,13 @@ class Network:
             if self.duplicate_probability and self.rng.random() < self.duplicate_probability:
                 self.in_flight.append(message)
         self.applied[node_id].extend(ready.committed_entries)
+        for entry in ready.committed_entries:
+            if entry.type == ENTRY_CONF_CHANGE:
+                change = ConfChange.from_wire(ormsgpack.unpackb(entry.data))
+                if node_id in self.hold_conf_changes:
+                    self.held_conf_changes[node_id].append(change)
+                else:
+                    node.apply_conf_change(change)
         self.read_states[node_id].extend(ready.read_states)
         node.advance(ready)
 
@@ -147,6 +180,12 @@ class Network:
 
     def propose(self, node_id: int, data: bytes) -> int:
         index = self.nodes[node_id].propose(data)
+        self.process()
+        return index
+
+    def change(self, node_id: int, kind: str, member: int) -> int:
+        """Propose a membership change at `node_id` and run the network."""
+        index = self.nodes[node_id].propose_conf_change(ConfChange(kind, member))
         self.process()
         return index
 
@@ -265,17 +304,31 @@ def simulate(seed: int, steps: int = 400, size: int = 3) -> Network:
 # restart entries at or below its applied index are skipped, as the applier
 # does.
 #
+# Membership and leadership: the nemesis also asks the leader (only when
+# there is one) to change the configuration — add a learner (a new node id,
+# an empty disk, as a new etcd member) and later promote it, add a new voter
+# directly, remove a voter (the leader too) or a learner, never the last voter
+# and never more than one node beyond the initial size — or to transfer
+# leadership to a random voter. The core refuses a change while another is
+# unapplied; the checker verifies that every node applies the same
+# configuration at each index, that successive configurations differ by one
+# member, and that a leader only appends a change when no earlier one is
+# unapplied in its log. A node starts from the initial configuration and
+# re-applies the committed changes from its log (no compaction here). A member
+# is started when the cluster first applies its addition, and stopped for
+# good a little after the cluster first applies its removal (etcd's removed
+# member shuts down; its peers refuse it).
+#
 # Invariants are checked after every event (see `SimulationChecker`). After the
 # chaos phase everything is healed and the cluster must elect a leader, commit
-# a new entry and converge (equal applied index, revision and KV hash on every
-# node) within a bound of simulated ticks.
+# a new entry and converge (equal applied index, revision, KV hash and
+# configuration on every member of the current configuration) within a bound
+# of simulated ticks.
 #
-# Hooks, not built (the core has neither yet): membership changes would be
-# proposed as ENTRY_CONF_CHANGE entries by `_client_request` (and the nemesis)
-# and change `conf_state` in `_apply`; snapshots would compact `SimDisk` after
-# a marker, `_send` would carry the sender's store with a `MsgSnap` (today it
-# refuses one loudly) and `SimDisk.storage` would rebuild from the marker
-# (`MemoryStorage.from_entries`, as the actor does).
+# Hooks, not built (the core has none yet): snapshots would compact `SimDisk`
+# after a marker, `_send` would carry the sender's store with a `MsgSnap`
+# (today it refuses one loudly) and `SimDisk.storage` would rebuild from the
+# marker (`MemoryStorage.from_entries`, as the actor does).
 
 TICK_UNITS = 100  # simulated time units per Raft tick (one heartbeat interval)
 ELECTION_TICKS = 10
@@ -283,6 +336,8 @@ MAX_READY_CYCLES = 3  # Ready cycles per pass, as actors/raft_log.py bounds them
 LIVENESS_COMMIT_TICKS = 100  # after healing: a leader and a new committed entry within this
 LIVENESS_CONVERGE_TICKS = 100  # ... then every node applied it, equal hashes, within this
 HASH_EVERY = 32  # the stores' KV hashes are compared at every 32nd applied index
+EXTRA_MEMBERS_MAX = 1  # members beyond the initial size the nemesis may add
+REMOVED_STOP_TICKS_MAX = 3  # a removed member is stopped within this many ticks of the removal
 KEYS = tuple(b"k%d" % number for number in range(8))
 
 
@@ -303,6 +358,8 @@ class Knobs:
     partition_weight: int
     pause_weight: int
     client_interval_units: int
+    membership_weight: int
+    transfer_weight: int
     pre_vote: bool
     check_quorum: bool
     max_inflight_appends: int
@@ -320,6 +377,8 @@ class Knobs:
             partition_weight=rng.choice((0, 1, 3)),
             pause_weight=rng.choice((0, 1)),
             client_interval_units=rng.choice((60, 150, 400)),
+            membership_weight=rng.choice((0, 1, 3)),
+            transfer_weight=rng.choice((0, 1, 2)),
             pre_vote=rng.random() < 0.8,
             check_quorum=rng.random() < 0.8,
             max_inflight_appends=rng.choice((1, 2, 8, 256)),
@@ -396,6 +455,10 @@ class SimNode:
         self.commit_seen = 0
         self.commit_checked = 0  # committed entries compared with the cluster's, in this life
         self.leader_checked = False
+        self.removed = False  # stopped for good: the cluster removed it
+        self.commit_quorum_checked = 0  # the commit index checked in term commit_quorum_term
+        self.commit_quorum_term = 0
+        self.conf_index = 0  # index of the last change it applied, in this life
 
     def writer(self) -> MvccWriter:
         return MvccWriter(self.backend, _ENCODING, member_id=self.id)
@@ -419,7 +482,12 @@ class SimulationChecker:
       lower than any term it sent (persist before send); it never grants two
       votes in one term, and never acknowledges entries it has not made durable;
     - applied <= committed, in the core and in the store;
-    - ReadIndex: a read's index is >= every index known committed when it was asked.
+    - ReadIndex: a read's index is >= every index known committed when it was asked;
+    - commit: what a leader commits is durable on a majority of the voters of
+      the configuration it counted with (learners never count);
+    - membership: every node applies the same configuration at each index, in
+      index order; each differs from the one before by one member; a leader
+      appends a change only when no earlier change in its log is unapplied.
     """
 
     def __init__(self, sim: "Simulation"):
@@ -434,6 +502,7 @@ class SimulationChecker:
         self.durable: dict[int, tuple[int, int]] = {}  # node -> (term, commit) last seen on disk
         self.exposed_term: dict[int, int] = {}  # node -> highest term it sent
         self.votes_granted: dict[tuple[int, int], int] = {}  # (node, term) -> candidate
+        self.conf_at_index: dict[int, ConfState] = {0: sim.initial_conf_state}  # the change applied at an index
 
     def fail(self, what: str) -> None:
         raise SimulationFailure(what)
@@ -489,6 +558,31 @@ class SimulationChecker:
             for other in self.sim.live_nodes():
                 if other.raw.raft.role == ROLE_LEADER:
                     self._check_leader_complete(other, old + 1)
+
+    def check_commit_quorum(self, node: SimNode) -> None:
+        """A leader's commit index is durable on a majority of the voters of
+        its configuration (learners do not count). Called wherever the core
+        may commit (after stepping messages, after applying a change, after
+        advance), so the configuration is the one the core counted with. By
+        log matching, checking the highest committed entry covers the rest."""
+        raft = node.raw.raft
+        if raft.role != ROLE_LEADER:
+            return
+        if node.commit_quorum_term != raft.term:
+            # A new leader's commit index is what it learned as a follower
+            # (decided under some earlier configuration): check its own only.
+            node.commit_quorum_term, node.commit_quorum_checked = raft.term, raft.log.committed
+            return
+        if raft.log.committed <= node.commit_quorum_checked:
+            return
+        node.commit_quorum_checked = index = raft.log.committed
+        entry_term = raft.log.term(index)
+        holders = [voter for voter in raft.voters if voter in self.sim.nodes
+                   and len(self.sim.nodes[voter].disk.entries) >= index
+                   and self.sim.nodes[voter].disk.entries[index - 1].term == entry_term]
+        if len(holders) < len(raft.voters) // 2 + 1:
+            self.fail(f"leader {node.id} committed {index} (term {entry_term}) held durably only by {holders} "
+                      f"of voters {raft.voters}")
 
     def _check_leader_complete(self, node: SimNode, low: int) -> None:
         log, term = node.raw.raft.log, node.raw.raft.term
@@ -565,6 +659,27 @@ class SimulationChecker:
         if previous != revision:
             self.fail(f"node {node.id}: revision {revision} at applied index {index}, another node had {previous}")
 
+    def on_conf_change(self, node: SimNode, index: int, previous: ConfState, conf_state: ConfState) -> None:
+        known = self.conf_at_index.setdefault(index, conf_state)
+        if known != conf_state:
+            self.fail(f"node {node.id} applied configuration {conf_state} at index {index}, another node {known}")
+        if index <= node.conf_index:
+            self.fail(f"node {node.id} applied a change at {index} after one at {node.conf_index}")
+        node.conf_index = index
+        changed = set(previous.voters) ^ set(conf_state.voters)
+        changed |= set(previous.learners) ^ set(conf_state.learners)
+        if len(changed) > 1:
+            self.fail(f"node {node.id}: configuration {previous} -> {conf_state} changes more than one member")
+
+    def on_propose_conf_change(self, node: SimNode, index: int) -> None:
+        """One at a time: no unapplied change precedes a leader's new one."""
+        raft = node.raw.raft
+        earlier = [position for position in range(raft.log.applied + 1, index)
+                   if raft.log.slice(position, position + 1)[0].type == ENTRY_CONF_CHANGE]
+        if earlier or raft.unapplied_conf_indexes:
+            self.fail(f"leader {node.id} appended a change at {index} with unapplied changes at "
+                      f"{earlier or raft.unapplied_conf_indexes}")
+
     def on_read_state(self, node: SimNode, read_state, committed_when_asked: int) -> None:
         if read_state.index < committed_when_asked:
             self.fail(f"node {node.id}: read index {read_state.index} below the commit index "
@@ -581,7 +696,10 @@ class Simulation:
         self.rng = random.Random(seed)
         self.knobs = Knobs.draw(self.rng)
         self.ids = list(range(1, nodes + 1))
-        self.conf_state = ConfState(tuple(self.ids))
+        self.initial_conf_state = ConfState(tuple(self.ids))
+        self.conf_state = self.initial_conf_state  # the latest configuration applied anywhere
+        self.conf_index = 0
+        self.next_node_id = nodes + 1
         self.nodes = {node_id: SimNode(node_id) for node_id in self.ids}
         self.now = 0
         self.heap: list = []
@@ -593,20 +711,24 @@ class Simulation:
         self.delivered = 0
         self.requests = 0
         self.counts = {"crashes": 0, "crashes_in_pass": 0, "restarts": 0, "partitions": 0, "pauses": 0,
-                       "reads_served": 0, "writes_lost": 0}
+                       "reads_served": 0, "writes_lost": 0, "members_added": 0, "members_promoted": 0,
+                       "members_removed": 0, "transfers_started": 0, "timeout_now_sent": 0,
+                       "conf_changes_pending": 0}
         self.reads_pending: dict[int, int] = {}  # read id -> commit known when asked
         self.trace_lines: list[str] | None = [] if trace else None
         self.trace_hash = hashlib.blake2b(digest_size=16)
         self.checker = SimulationChecker(self)
         self.recovery_ticks = -1  # ticks from healing to convergence, once run
         for node_id in self.ids:
-            self._start_node(self.nodes[node_id])
-            # Clocks drift: each node's tick interval is off by up to 10%.
-            self.nodes[node_id].tick_units = TICK_UNITS + self.rng.randint(-TICK_UNITS // 10, TICK_UNITS // 10)
-            phase = self.rng.randrange(TICK_UNITS)
-            self._schedule(phase, "tick", node_id)
+            self._boot(self.nodes[node_id])
         self._schedule(self.rng.randrange(self.knobs.client_interval_units), "client", 0)
         self._schedule(TICK_UNITS * self.rng.randint(1, self.knobs.nemesis_ticks_max), "nemesis", 0)
+
+    def _boot(self, node: SimNode) -> None:
+        self._start_node(node)
+        # Clocks drift: each node's tick interval is off by up to 10%.
+        node.tick_units = TICK_UNITS + self.rng.randint(-TICK_UNITS // 10, TICK_UNITS // 10)
+        self._schedule(self.rng.randrange(TICK_UNITS), "tick", node.id)
 
     # ---- scheduling ---------------------------------------------------------------
 
@@ -621,6 +743,10 @@ class Simulation:
 
     def live_nodes(self) -> list[SimNode]:
         return [self.nodes[node_id] for node_id in self.ids if self.nodes[node_id].up]
+
+    def members(self) -> list[SimNode]:
+        """The nodes of the current configuration (voters and learners)."""
+        return [self.nodes[node_id] for node_id in self.conf_state.members()]
 
     def max_commit(self) -> int:
         return len(self.checker.committed_terms) - 1
@@ -662,19 +788,25 @@ class Simulation:
         return self.checker.committed_terms[target[1]] == target[0]
 
     def fail_liveness(self, what: str, start: int) -> None:
-        statuses = [self.nodes[node_id].raw.status() for node_id in self.ids]
+        statuses = [self.nodes[node_id].raw.status() for node_id in self.ids if self.nodes[node_id].up]
         raise SimulationFailure(f"liveness: {what} within {(self.now - start) // TICK_UNITS} ticks of healing; "
                                 f"{statuses}")
 
     def converged(self, index: int) -> bool:
+        """Every member of the current configuration is up, applied `index`, and
+        their stores and configurations agree."""
         states = set()
-        for node in self.live_nodes():
-            if node.store_applied < index:
+        members = self.members()
+        for node in members:
+            if not node.up or node.store_applied < index:
                 return False
-            states.add((node.store_applied, node.writer().revision))
-        if len(states) != 1 or len(self.live_nodes()) != self.size:
+            states.add((node.store_applied, node.writer().revision, node.raw.conf_state()))
+        if len(states) != 1:
             return False
-        hashes = {node.writer().hash_kv(0)["hash"] for node in self.live_nodes()}
+        if members[0].raw.conf_state() != self.conf_state:
+            raise SimulationFailure(f"members converged on configuration {members[0].raw.conf_state()}, "
+                                    f"the cluster applied {self.conf_state}")
+        hashes = {node.writer().hash_kv(0)["hash"] for node in members}
         if len(hashes) != 1:
             raise SimulationFailure(f"stores at equal applied index {states} have different hashes {hashes}")
         return True
@@ -701,6 +833,8 @@ class Simulation:
             self._nemesis()
         elif kind == "restart":
             self._restart_node(self.nodes[node_id])
+        elif kind == "stop":
+            self._stop_removed(self.nodes[node_id])
         else:
             raise AssertionError(kind)
 
@@ -716,7 +850,7 @@ class Simulation:
                         max_inflight_appends=knobs.max_inflight_appends,
                         max_append_entries_bytes=knobs.max_append_entries_bytes, max_request_bytes=1024,
                         pre_vote=knobs.pre_vote, check_quorum=knobs.check_quorum)
-        storage = node.disk.storage(self.conf_state)
+        storage = node.disk.storage(self.initial_conf_state)
         node.raw = RawNode(config, storage, random.Random(self.rng.getrandbits(64)))
         node.up = True
         node.incarnation += 1
@@ -726,6 +860,8 @@ class Simulation:
         node.commit_seen = node.raw.raft.log.committed
         node.commit_checked = 0
         node.leader_checked = False
+        node.conf_index = 0
+        node.commit_quorum_term = 0
 
     def _crash(self, node: SimNode, where: str) -> None:
         self._trace(f"{self.now} crash {node.id} {where}")
@@ -739,7 +875,7 @@ class Simulation:
             self._schedule(TICK_UNITS * self.rng.randint(1, 30), "restart", node.id)
 
     def _restart_node(self, node: SimNode) -> None:
-        if node.up:
+        if node.up or node.removed:
             return
         self._start_node(node)
         self.counts["restarts"] += 1
@@ -776,6 +912,7 @@ class Simulation:
                 self._local_request(node, item)
             else:
                 raw.step(item)
+        self.checker.check_commit_quorum(node)
         for _ in range(MAX_READY_CYCLES):
             if not raw.has_ready():
                 break
@@ -792,10 +929,20 @@ class Simulation:
         try:
             if kind == "propose":
                 node.raw.propose(value)
-            else:
+            elif kind == "read":
                 node.raw.read_index(value)
                 self.reads_pending.setdefault(value[1], self.max_commit())
-        except (ProposalDropped, ReadIndexDropped):
+            elif kind == "conf_change":
+                if node.raw.raft.role == ROLE_LEADER and (node.raw.raft.pending_conf_index > node.raw.raft.log.applied
+                                                          or node.raw.raft.unapplied_conf_indexes):
+                    self.counts["conf_changes_pending"] += 1
+                index = node.raw.propose_conf_change(value)
+                self._trace(f"{self.now} propose {value.kind} {value.node_id} at {node.id} {index}")
+                self.checker.on_propose_conf_change(node, index)
+            else:
+                node.raw.transfer_leader(value)
+                self.counts["transfers_started"] += 1
+        except (ProposalDropped, ReadIndexDropped, ConfChangeInvalid, BadTransferee):
             pass
 
     def _handle_ready(self, node: SimNode) -> bool:
@@ -819,13 +966,53 @@ class Simulation:
             self._crash(node, "between send and apply")
             return False
         if ready.committed_entries:
+            self._apply_conf_changes(node, ready.committed_entries)
             self._apply(node, ready.committed_entries)
         for read_state in ready.read_states:
             asked = self.reads_pending[read_state.context[1]]
             self.counts["reads_served"] += 1
             self.checker.on_read_state(node, read_state, asked)
         raw.advance(ready)
+        self.checker.check_commit_quorum(node)
         return True
+
+    def _apply_conf_changes(self, node: SimNode, entries: list[Entry]) -> None:
+        """The actor's part: every committed change goes to the core in order,
+        also those the store applied before a restart (the core starts from the
+        initial configuration)."""
+        for entry in entries:
+            if entry.type != ENTRY_CONF_CHANGE:
+                continue
+            change = ConfChange.from_wire(ormsgpack.unpackb(entry.data))
+            previous = node.raw.conf_state()
+            conf_state = node.raw.apply_conf_change(change)
+            self.checker.on_conf_change(node, entry.index, previous, conf_state)
+            self.checker.check_commit_quorum(node)
+            if entry.index > self.conf_index:
+                self._cluster_applied(entry.index, change, conf_state)
+
+    def _cluster_applied(self, index: int, change: ConfChange, conf_state: ConfState) -> None:
+        """The first node applied this change: start an added member, stop a removed one."""
+        self.conf_index, self.conf_state = index, conf_state
+        self._trace(f"{self.now} configuration {index} {change.kind} {change.node_id} {conf_state}")
+        if change.kind in ("add_voter", "add_learner"):
+            self.counts["members_added"] += 1
+            node = SimNode(change.node_id)
+            self.nodes[node.id] = node
+            self.ids.append(node.id)  # ids only grow: still sorted
+            self._boot(node)
+        elif change.kind == "promote_learner":
+            self.counts["members_promoted"] += 1
+        elif change.kind == "remove":
+            self.counts["members_removed"] += 1
+            self._schedule(self.rng.randint(0, REMOVED_STOP_TICKS_MAX * TICK_UNITS), "stop", change.node_id)
+
+    def _stop_removed(self, node: SimNode) -> None:
+        self._trace(f"{self.now} stop {node.id}")
+        node.removed = True
+        node.up = False
+        node.raw = None
+        node.inbox = []
 
     def _apply(self, node: SimNode, entries: list[Entry]) -> None:
         """The applier: one atomic, durable store transaction per batch; entries
@@ -862,6 +1049,7 @@ class Simulation:
         knobs, rng = self.knobs, self.rng
         # Hook: snapshot transfer (copy the sender's store and log marker) goes here.
         assert not isinstance(message, MsgSnap), "the core sent MsgSnap: simulate snapshot transfer first"
+        self.counts["timeout_now_sent"] += isinstance(message, MsgTimeoutNow)
         link = (message.sender, message.to)
         if link in self.blocked:
             if rng.random() < 0.3:
@@ -877,8 +1065,8 @@ class Simulation:
             self._schedule(delay, "deliver", message.to, message)
 
     def _deliver(self, message) -> None:
-        node = self.nodes[message.to]
-        if (message.sender, message.to) in self.blocked or not node.up:
+        node = self.nodes.get(message.to)
+        if node is None or (message.sender, message.to) in self.blocked or not node.up:
             return
         self.delivered += 1
         self._trace(f"{self.now} deliver {type(message).__name__} {message.sender}>{message.to} t{message.term}")
@@ -945,7 +1133,8 @@ class Simulation:
         self._schedule(TICK_UNITS * rng.randint(1, knobs.nemesis_ticks_max), "nemesis", 0)
         actions = (("heal", 2), ("partition", knobs.partition_weight), ("isolate", knobs.partition_weight),
                    ("one_way", knobs.partition_weight), ("crash", knobs.crash_weight),
-                   ("pause", knobs.pause_weight), ("restart_all", 1))
+                   ("pause", knobs.pause_weight), ("restart_all", 1), ("membership", knobs.membership_weight),
+                   ("transfer", knobs.transfer_weight))
         total = sum(weight for _, weight in actions)
         pick = rng.randrange(total)
         for action, weight in actions:
@@ -978,9 +1167,42 @@ class Simulation:
         elif action == "pause":
             node = self.nodes[rng.choice(self.ids)]
             node.paused_until = self.now + TICK_UNITS * rng.randint(1, 3 * ELECTION_TICKS)
-        else:
+        elif action == "restart_all":
             for node_id in self.ids:
                 self._restart_node(self.nodes[node_id])
+        else:
+            self._leader_request(action)
+
+    def _leader_request(self, action: str) -> None:
+        """Ask the leader (if any) for a membership change or a transfer, as
+        an operator's etcdctl would; the core may refuse it."""
+        leader, rng = self.leader(), self.rng
+        if leader is None:
+            return
+        conf_state = leader.raw.conf_state()
+        if action == "transfer":
+            others = [voter for voter in conf_state.voters if voter != leader.id]
+            if not others:
+                return
+            leader.inbox.append(("transfer", rng.choice(others)))
+        else:
+            leader.inbox.append(("conf_change", self._pick_conf_change(conf_state)))
+            if rng.random() < 0.3:  # an impatient operator: the core must refuse this one
+                leader.inbox.append(("conf_change", self._pick_conf_change(conf_state)))
+        self._wake(leader)
+
+    def _pick_conf_change(self, conf_state: ConfState) -> ConfChange:
+        rng = self.rng
+        if conf_state.learners:
+            learner = rng.choice(conf_state.learners)
+            return ConfChange("promote_learner" if rng.random() < 0.8 else "remove", learner)
+        may_add = len(conf_state.members()) < self.size + EXTRA_MEMBERS_MAX
+        if may_add and (len(conf_state.voters) < self.size or rng.random() < 0.5):
+            self.next_node_id += 1
+            return ConfChange("add_learner" if rng.random() < 0.7 else "add_voter", self.next_node_id - 1)
+        if len(conf_state.voters) > 1:
+            return ConfChange("remove", rng.choice(conf_state.voters))
+        return ConfChange("update", conf_state.voters[0])
 
     def _partition(self, side: list[int], other_side: list[int]) -> None:
         for a in side:
@@ -1004,7 +1226,7 @@ class Simulation:
             node = self.nodes[node_id]
             node.paused_until = 0
             node.crash_in_pass = None
-            self._restart_node(node)
+            self._restart_node(node)  # (not a removed one)
 
     # ---- reporting -------------------------------------------------------------------------
 
@@ -1012,7 +1234,8 @@ class Simulation:
         final = hashlib.blake2b(self.trace_hash.digest(), digest_size=16)
         for node_id in self.ids:
             node = self.nodes[node_id]
-            final.update(repr(sorted(node.raw.status().items())).encode())
+            if node.up:
+                final.update(repr(sorted(node.raw.status().items())).encode())
             final.update(b"%d" % node.writer().hash_kv(0)["hash"])
         return final.hexdigest()
 
@@ -1020,6 +1243,7 @@ class Simulation:
         return {"seed": self.seed, "nodes": self.size, "events": self.events, "delivered": self.delivered,
                 "committed": self.max_commit(), "recovery_ticks": self.recovery_ticks,
                 "terms": max(self.checker.leader_of_term, default=0), **self.counts,
+                "configuration": self.conf_state.to_marker(),
                 "fsyncs": sum(self.nodes[node_id].disk.sync_count for node_id in self.ids), "digest": self.digest(),
                 "knobs": dataclasses.asdict(self.knobs)}
 

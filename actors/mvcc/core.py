@@ -75,6 +75,11 @@ META_APPLIED_TERM = b"applied_term"
 META_CONSISTENT_INDEX = b"consistent_index"
 META_NEXT_KEY_ID = b"next_key_id"
 META_ALARMS = b"alarms"
+# The cluster's member table (actors.members), written by conf-change entries.
+META_MEMBERS = b"members"
+# What Maintenance Hash covers of the meta table: the rest (applied index,
+# compaction progress, the member table) may differ between members.
+_HASHED_META = (META_REVISION, META_COMPACT_REVISION, META_ALARMS)
 
 _REV_KEY = struct.Struct(">QQ")
 _HIST_KEY = struct.Struct(">QQQ")
@@ -349,6 +354,25 @@ class MvccReader:
         never_compacted = self.backend.get("meta", META_COMPACT_REVISION) is None
         return {"header": {"revision": self.revision}, "hash": crc,
                 "compact_revision": -1 if never_compacted else compact}
+
+    def hash_all(self) -> dict:
+        """etcd's Maintenance Hash: a CRC32 over every key and value of the
+        key, history and lease tables (and the revision scalars), at the
+        current revision. Equal on members with equal state once a physical
+        compaction has finished on each."""
+        crc = 0
+        for table in ("rev", "keys", "hist", "leases", "lease_keys"):
+            crc = zlib.crc32(table.encode(), crc)
+            for raw_key, raw in self.backend.iterate(table, b""):
+                crc = zlib.crc32(raw, zlib.crc32(raw_key, crc))
+        for name in _HASHED_META:
+            crc = zlib.crc32(self.backend.get("meta", name) or b"", zlib.crc32(name, crc))
+        return {"header": {"revision": self.revision}, "hash": crc}
+
+    def member_table(self) -> dict | None:
+        """The stored member table {"members", "conf_index"}, None before the first conf change."""
+        raw = self.backend.get("meta", META_MEMBERS)
+        return None if raw is None else _unpackb(raw)
 
     def _prev_kv(self, key: bytes, revision: int, sub: int) -> dict | None:
         record = self._key_record(key)
@@ -793,7 +817,14 @@ class MvccWriter(MvccReader):
 
 _GROWING_OPS = frozenset({"put", "txn", "lease_grant"})
 
+def _apply_member_table(writer: MvccWriter, body: dict) -> dict:
+    # Not a key-space write: the revision does not move (as etcd's membership store).
+    writer._put("meta", META_MEMBERS, _packb({"members": body["members"], "conf_index": body["conf_index"]}))
+    return {"header": _header(writer.revision)}
+
+
 _HANDLERS = {
+    "member_table": _apply_member_table,
     "put": MvccWriter.apply_put,
     "delete_range": MvccWriter.apply_delete_range,
     "txn": MvccWriter.apply_txn,

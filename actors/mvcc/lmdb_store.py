@@ -311,6 +311,14 @@ class MvccStore:
         with self._read_txn() as txn:
             return self._reader(txn).hash_kv(revision)
 
+    def hash_all(self) -> dict:
+        with self._read_txn() as txn:
+            return self._reader(txn).hash_all()
+
+    def member_table(self) -> dict | None:
+        with self._read_txn() as txn:
+            return self._reader(txn).member_table()
+
     def revision(self) -> int:
         with self._read_txn() as txn:
             return self._reader(txn).revision
@@ -361,6 +369,49 @@ class MvccStore:
             self.env.copyfd(handle.fileno(), compact=True)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def install(self, snapshot_file: str, applied_index: int) -> int:
+        """Replace the store by a `copy_to` file of another member (a snapshot
+        transfer) as a new generation; returns it. The file is moved, not
+        copied (same file system), and must hold `applied_index`.
+
+        Crash safety: CURRENT names the new generation only once its data is
+        in place and checked; before that the new dir is a stale generation
+        (removed by the next writer open), after it the new store is whole.
+        """
+        assert self.writer
+        new_generation = self.generation + 1
+        path = _generation_dir(self.store_dir, new_generation)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        os.rename(snapshot_file, os.path.join(path, "data.mdb"))
+        _fsync_path(path)
+        env, dbs = self._open_generation(new_generation)
+        try:
+            with env.begin() as txn:
+                found = MvccReader(LmdbTxn(txn, dbs), self.encoding).meta_int(META_APPLIED_INDEX)
+        finally:
+            env.close()
+        if found != applied_index:
+            shutil.rmtree(path, ignore_errors=True)
+            raise ValueError(f"snapshot holds applied index {found}, expected {applied_index}")
+        _write_current(self.store_dir, new_generation)
+        self.close()
+        self._open_env(new_generation)
+        self._remove_stale_generations()
+        return new_generation
+
+    @staticmethod
+    def snapshot_position(snapshot_file: str, inline_key_bytes: int = DEFAULT_INLINE_KEY_BYTES) -> tuple[int, int]:
+        """(applied raft index, its term) of a `copy_to` file."""
+        env = lmdb.open(snapshot_file, subdir=False, readonly=True, lock=False, max_dbs=len(TABLES) + 1)
+        try:
+            dbs = {name: env.open_db(name.encode(), create=False) for name in TABLES}
+            with env.begin() as txn:
+                reader = MvccReader(LmdbTxn(txn, dbs), KeyEncoding(inline_key_bytes))
+                return reader.meta_int(META_APPLIED_INDEX), reader.meta_int(META_APPLIED_TERM)
+        finally:
+            env.close()
 
     @staticmethod
     def restore(snapshot_file: str, store_dir: str) -> None:

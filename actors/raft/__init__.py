@@ -5,22 +5,27 @@ passed in, time enters as `tick()`, storage through `Storage`.
 """
 
 from actors.raft.errors import (
-    Compacted, ConfigError, ProposalDropped, RaftError, ReadIndexDropped, Unavailable, UnknownMessageError,
+    BadTransferee, Compacted, ConfChangeInvalid, ConfChangePending, ConfigError, MemberExists, MemberNotFound,
+    MemberNotLearner, ProposalDropped, RaftError, ReadIndexDropped, RemovingLastVoter, Unavailable,
+    UnknownMessageError,
 )
 from actors.raft.messages import (
-    ENTRY_CONF_CHANGE, ENTRY_EMPTY, ENTRY_NORMAL, MESSAGE_TYPES, NONE, ConfState, Entry, HardState, Message,
-    MsgApp, MsgAppResp, MsgHeartbeat, MsgHeartbeatResp, MsgPreVote, MsgPreVoteResp, MsgReadIndex,
-    MsgReadIndexResp, MsgSnap, MsgVote, MsgVoteResp, ReadState, SnapshotMeta, SoftState,
+    CONF_CHANGE_KINDS, ENTRY_CONF_CHANGE, ENTRY_EMPTY, ENTRY_NORMAL, MESSAGE_TYPES, NONE, ConfChange, ConfState,
+    Entry, HardState, Message, MsgApp, MsgAppResp, MsgHeartbeat, MsgHeartbeatResp, MsgPreVote, MsgPreVoteResp,
+    MsgReadIndex, MsgReadIndexResp, MsgSnap, MsgTimeoutNow, MsgVote, MsgVoteResp, ReadState, SnapshotMeta,
+    SoftState,
 )
 from actors.raft.node import RawNode, Ready
 from actors.raft.raft import ROLE_CANDIDATE, ROLE_FOLLOWER, ROLE_LEADER, ROLE_PRE_CANDIDATE, Config, Raft
 from actors.raft.storage import MemoryStorage, Storage
 
 __all__ = [
-    "Compacted", "ConfigError", "ProposalDropped", "RaftError", "ReadIndexDropped", "Unavailable",
-    "UnknownMessageError", "ENTRY_CONF_CHANGE", "ENTRY_EMPTY", "ENTRY_NORMAL", "MESSAGE_TYPES", "NONE",
-    "ConfState", "Entry", "HardState", "Message", "MsgApp", "MsgAppResp", "MsgHeartbeat", "MsgHeartbeatResp",
-    "MsgPreVote", "MsgPreVoteResp", "MsgReadIndex", "MsgReadIndexResp", "MsgSnap", "MsgVote", "MsgVoteResp",
+    "BadTransferee", "Compacted", "ConfChangeInvalid", "ConfChangePending", "ConfigError", "MemberExists",
+    "MemberNotFound", "MemberNotLearner", "ProposalDropped", "RaftError", "ReadIndexDropped", "RemovingLastVoter",
+    "Unavailable", "UnknownMessageError", "CONF_CHANGE_KINDS", "ENTRY_CONF_CHANGE", "ENTRY_EMPTY", "ENTRY_NORMAL",
+    "MESSAGE_TYPES", "NONE", "ConfChange", "ConfState", "Entry", "HardState", "Message", "MsgApp", "MsgAppResp",
+    "MsgHeartbeat", "MsgHeartbeatResp", "MsgPreVote", "MsgPreVoteResp", "MsgReadIndex", "MsgReadIndexResp",
+    "MsgSnap", "MsgTimeoutNow", "MsgVote", "MsgVoteResp",
     "ReadState", "SnapshotMeta", "SoftState", "RawNode", "Ready", "ROLE_CANDIDATE", "ROLE_FOLLOWER",
     "ROLE_LEADER", "ROLE_PRE_CANDIDATE", "Config", "Raft", "MemoryStorage", "Storage",
 ]

@@ -9,7 +9,8 @@ class RaftError(Exception):
 
 
 class ProposalDropped(RaftError):
-    """This node cannot take a proposal now (not the leader)."""
+    """This node cannot take a proposal now (not the leader, or the leader is
+    transferring leadership)."""
 
 
 class ReadIndexDropped(RaftError):
@@ -30,3 +31,31 @@ class UnknownMessageError(RaftError):
 
 class ConfigError(RaftError, ValueError):
     """The Raft configuration is inconsistent."""
+
+
+class ConfChangePending(ProposalDropped):
+    """A membership change is proposed but not yet applied (one at a time)."""
+
+
+class ConfChangeInvalid(RaftError, ValueError):
+    """A membership change that does not fit the current configuration."""
+
+
+class MemberExists(ConfChangeInvalid):
+    """add_voter/add_learner of a node that is already a voter or learner."""
+
+
+class MemberNotFound(ConfChangeInvalid):
+    """remove/promote/update of a node that is not a member."""
+
+
+class MemberNotLearner(ConfChangeInvalid):
+    """promote_learner of a voter."""
+
+
+class RemovingLastVoter(ConfChangeInvalid):
+    """remove of the only voter: the cluster could never commit again."""
+
+
+class BadTransferee(RaftError, ValueError):
+    """transfer_leader to a node that is not a voter of the configuration."""

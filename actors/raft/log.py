@@ -8,6 +8,11 @@ conflicting append may truncate unstable entries and even shadow persisted
 ones (the unstable offset drops below storage's last index); the persisted
 copies are overwritten when the new entries are persisted.
 
+A follower that is sent a snapshot newer than its log resets the log to it
+(`restore`): the snapshot is the new compaction point, held in
+`unstable.snapshot` until the caller has installed it (Ready.snapshot) and
+called advance(); meanwhile nothing below it can be read or applied.
+
 `committed` is the highest index known committed; `applied` is the highest
 index handed to the caller for applying. Committed entries are handed out
 only once they are persisted locally (`persisted_last_index`).
@@ -16,7 +21,7 @@ only once they are persisted locally (`persisted_last_index`).
 from __future__ import annotations
 
 from actors.raft.errors import Compacted, Unavailable
-from actors.raft.messages import Entry
+from actors.raft.messages import Entry, SnapshotMeta
 from actors.raft.storage import Storage, limit_size
 
 NO_LIMIT = 1 << 62
@@ -26,11 +31,14 @@ class Unstable:
     def __init__(self, offset: int):
         self.offset = offset  # index of entries[0]
         self.entries: list[Entry] = []
+        self.snapshot: SnapshotMeta | None = None  # restored, not yet installed by the caller
 
     def last_index(self) -> int | None:
         return self.offset + len(self.entries) - 1 if self.entries else None
 
     def term(self, index: int) -> int | None:
+        if self.snapshot is not None and index == self.snapshot.index:
+            return self.snapshot.term
         position = index - self.offset
         if 0 <= position < len(self.entries):
             return self.entries[position].term
@@ -64,11 +72,17 @@ class RaftLog:
         assert self.committed <= storage.last_index(), (self.committed, storage.last_index())
 
     def first_index(self) -> int:
+        if self.unstable.snapshot is not None:
+            return self.unstable.snapshot.index + 1
         return self.storage.first_index()
 
     def last_index(self) -> int:
         last = self.unstable.last_index()
-        return last if last is not None else self.storage.last_index()
+        if last is not None:
+            return last
+        if self.unstable.snapshot is not None:
+            return self.unstable.snapshot.index
+        return self.storage.last_index()
 
     def last_term(self) -> int:
         return self.term(self.last_index())
@@ -81,8 +95,8 @@ class RaftLog:
         term = self.unstable.term(index)
         if term is not None:
             return term
-        if index >= self.unstable.offset:
-            return None
+        if index >= self.unstable.offset or self.unstable.snapshot is not None:
+            return None  # unknown, or below a restored snapshot
         try:
             return self.storage.term(index)
         except (Compacted, Unavailable):
@@ -166,13 +180,32 @@ class RaftLog:
             return []
         return self.slice(low, self.last_index() + 1, max_bytes)
 
+    def restore(self, snapshot: SnapshotMeta) -> None:
+        """Reset the log to `snapshot` (newer than anything committed here):
+        every entry is dropped, the snapshot is the new compaction point."""
+        assert snapshot.index > self.committed, (snapshot.index, self.committed)
+        self.committed = snapshot.index
+        self.unstable.entries = []
+        self.unstable.offset = snapshot.index + 1
+        self.unstable.snapshot = snapshot
+
+    def snapshot_installed(self, snapshot: SnapshotMeta) -> None:
+        """The caller installed the restored snapshot (RawNode.advance)."""
+        if self.unstable.snapshot == snapshot:
+            self.unstable.snapshot = None
+        self.applied = max(self.applied, snapshot.index)
+
     def next_committed_entries(self, max_bytes: int = NO_LIMIT) -> list[Entry]:
+        if self.unstable.snapshot is not None:
+            return []  # the restored snapshot is installed first
         high = min(self.committed, self.persisted_last_index())
         if self.applied >= high:
             return []
         return self.slice(self.applied + 1, high + 1, max_bytes)
 
     def has_next_committed_entries(self) -> bool:
+        if self.unstable.snapshot is not None:
+            return False
         return min(self.committed, self.persisted_last_index()) > self.applied
 
     def applied_to(self, index: int) -> None:

@@ -5,8 +5,14 @@ slotted, keyword-only dataclasses below (`MESSAGE_TYPES` is the closed set).
 Each carries `to` (recipient member id), `sender` (member id) and `term` (the
 sender's term; for MsgPreVote the term the sender *would* campaign in). The
 core never sends anything else, and `Raft.step()` rejects anything else with
-`UnknownMessageError`. Local requests (propose, campaign, read index, tick)
-are method calls on the core, not messages.
+`UnknownMessageError`. Local requests (propose, campaign, read index, tick,
+conf changes, leader transfer) are method calls on the core, not messages.
+
+Membership (etcd-io/raft's single-step changes): `ConfState` is the set of
+voters and learners; a `ConfChange` travels in an `ENTRY_CONF_CHANGE` entry
+whose data is the msgpack form of `ConfChange.to_wire()` (`encode()` writes
+it without a msgpack library: the core imports none) and takes effect on each
+node when that node applies the entry.
 
 Entries are `Entry` named tuples rather than dataclasses: there is one per
 proposal batch and they are created, sliced and stored on the hot path, where
@@ -22,7 +28,9 @@ NONE = 0  # "no member": no leader known, no vote cast
 
 ENTRY_NORMAL = 0
 ENTRY_EMPTY = 1  # a new leader's no-op, data b""
-ENTRY_CONF_CHANGE = 2
+ENTRY_CONF_CHANGE = 2  # data: ConfChange.encode()
+
+CONF_CHANGE_KINDS = ("add_voter", "add_learner", "promote_learner", "remove", "update")
 
 
 class Entry(NamedTuple):
@@ -48,11 +56,86 @@ class HardState:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConfState:
+    """The members: voters elect and count for commit; learners only receive
+    the log (they never vote, campaign or count for any quorum)."""
+
     voters: tuple[int, ...] = ()
+    learners: tuple[int, ...] = ()
 
     def __post_init__(self):
         if list(self.voters) != sorted(set(self.voters)):
             raise ValueError("ConfState.voters must be sorted and unique")
+        if list(self.learners) != sorted(set(self.learners)):
+            raise ValueError("ConfState.learners must be sorted and unique")
+        if set(self.voters) & set(self.learners):
+            raise ValueError("ConfState: a member is either a voter or a learner")
+        if any(type(member) is not int or member <= 0 for member in self.voters + self.learners):
+            raise ValueError("ConfState: member ids are positive integers")
+
+    def members(self) -> tuple[int, ...]:
+        return tuple(sorted(self.voters + self.learners))
+
+    def to_marker(self) -> dict:
+        """The WAL snapshot marker's form."""
+        return {"voters": list(self.voters), "learners": list(self.learners)}
+
+    @classmethod
+    def from_marker(cls, marker: dict) -> "ConfState":
+        """From a WAL snapshot marker (older markers have no "learners")."""
+        return cls(tuple(sorted(marker["voters"])), tuple(sorted(marker.get("learners", ()))))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfChange:
+    """One membership change (single-step, as etcd's ConfChange v1).
+
+    kind: "add_voter" (a new voter), "add_learner" (a new learner),
+    "promote_learner" (learner -> voter), "remove" (a voter or learner),
+    "update" (no Raft change: member metadata in `context` only). `context`
+    is opaque to the core (the actor's member record and routing)."""
+
+    kind: str
+    node_id: int
+    context: bytes = b""
+
+    def __post_init__(self):
+        if self.kind not in CONF_CHANGE_KINDS:
+            raise ValueError(f"ConfChange.kind must be one of {CONF_CHANGE_KINDS}, not {self.kind!r}")
+        if type(self.node_id) is not int or not 0 < self.node_id < 1 << 64:
+            raise ValueError("ConfChange.node_id must be a positive 64-bit integer")
+        if not isinstance(self.context, bytes):
+            raise ValueError("ConfChange.context must be bytes")
+
+    def to_wire(self) -> list:
+        return [self.kind, self.node_id, self.context]
+
+    @classmethod
+    def from_wire(cls, value) -> "ConfChange":
+        """From the unpacked entry data; ValueError if it is not a ConfChange."""
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ValueError("a ConfChange is [kind, node_id, context]")
+        return cls(value[0], value[1], value[2])
+
+    def encode(self) -> bytes:
+        """The entry data: byte for byte `ormsgpack.packb(self.to_wire())`."""
+        kind = self.kind.encode()
+        return b"\x93" + bytes((0xa0 | len(kind),)) + kind + _msgpack_uint(self.node_id) + _msgpack_bin(self.context)
+
+
+def _msgpack_uint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    for marker, size in ((0xcc, 1), (0xcd, 2), (0xce, 4), (0xcf, 8)):
+        if value < 1 << (8 * size):
+            return bytes((marker,)) + value.to_bytes(size, "big")
+    raise ValueError("integer too large for msgpack")
+
+
+def _msgpack_bin(value: bytes) -> bytes:
+    for marker, size in ((0xc4, 1), (0xc5, 2), (0xc6, 4)):
+        if len(value) < 1 << (8 * size):
+            return bytes((marker,)) + len(value).to_bytes(size, "big") + value
+    raise ValueError("bytes too long for msgpack")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,6 +164,7 @@ class SoftState:
 
     lead: int
     role: str
+    lead_transferee: int = NONE  # the leader is handing leadership to this voter
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,10 +208,13 @@ class MsgAppResp(Message):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class MsgVote(Message):
     """Candidate -> voter RequestVote (§5.2) for `term`; the candidate's last
-    entry is (`index`, `log_term`) (§5.4.1 up-to-date check)."""
+    entry is (`index`, `log_term`) (§5.4.1 up-to-date check). `transfer`: the
+    candidate campaigns because the leader told it to (MsgTimeoutNow; etcd's
+    campaignTransfer context), so receivers ignore their leader lease."""
 
     log_term: int
     index: int
+    transfer: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,14 +270,25 @@ class MsgReadIndexResp(Message):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class MsgSnap(Message):
-    """Leader -> follower: install a snapshot (§7). HOOK ONLY: transfer of the
-    LMDB store is a later issue; the core never sends it yet and a follower
-    that receives one ignores it."""
+    """Leader -> follower: install a snapshot (§7). The core sends its
+    snapshot marker when a follower needs compacted entries; the actor
+    streams the state machine's data (actors/snapshot_transfer.py) and steps
+    the MsgSnap of what it streamed into the follower's core once the data
+    is installed. The follower answers MsgAppResp at the snapshot's index
+    (or its commit index when the snapshot is not newer than its log)."""
 
     snapshot: SnapshotMeta
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MsgTimeoutNow(Message):
+    """Leader -> voter (thesis §3.10 leadership transfer): "your log matches
+    mine, campaign now": the receiver starts an election at once, without
+    pre-vote and with `MsgVote.transfer` set."""
 
 
 MESSAGE_TYPES = (
     MsgApp, MsgAppResp, MsgVote, MsgVoteResp, MsgPreVote, MsgPreVoteResp,
     MsgHeartbeat, MsgHeartbeatResp, MsgReadIndex, MsgReadIndexResp, MsgSnap,
+    MsgTimeoutNow,
 )

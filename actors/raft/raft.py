@@ -17,6 +17,22 @@ dispatches to the role's step function.
 Sending is lazy within one pass: proposals and ReadIndex requests are
 collected and `flush()` (called by RawNode before building a Ready) sends one
 round of appends and one heartbeat round for all reads of the pass (batching).
+
+Membership (etcd-io/raft's single-step changes, not joint consensus): the
+configuration is `voters` + `learners`. A change is an ENTRY_CONF_CHANGE entry
+and takes effect on a node when the caller applies it (`apply_conf_change`),
+not when it is appended. One change at a time: the leader refuses a new one
+until every earlier one is applied (`pending_conf_index`; a new leader sets it
+to its last index, since its log may hold an unapplied change). Any two
+successive configurations differ by one voter, so their majorities overlap.
+Learners get the log but never vote, campaign or count for a quorum. A leader
+that applies its own removal steps down (after telling its most up-to-date
+voter to campaign at once).
+
+Leadership transfer (thesis §3.10): the leader stops taking proposals,
+brings the target's log up to its own, then sends MsgTimeoutNow; the target
+campaigns at once, without pre-vote, with `MsgVote.transfer` set so voters
+ignore their leader lease. The leader gives up after one election timeout.
 """
 
 from __future__ import annotations
@@ -25,15 +41,18 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from actors.raft import quorum
-from actors.raft.errors import Compacted, ConfigError, ProposalDropped, ReadIndexDropped, UnknownMessageError
+from actors.raft.errors import (
+    BadTransferee, Compacted, ConfChangePending, ConfigError, MemberExists, MemberNotFound, MemberNotLearner,
+    ProposalDropped, ReadIndexDropped, RemovingLastVoter, Unavailable, UnknownMessageError,
+)
 from actors.raft.log import RaftLog
 from actors.raft.messages import (
-    ENTRY_EMPTY, ENTRY_NORMAL, NONE, Entry, HardState, Message, MsgApp, MsgAppResp, MsgHeartbeat,
-    MsgHeartbeatResp, MsgPreVote, MsgPreVoteResp, MsgReadIndex, MsgReadIndexResp, MsgSnap, MsgVote,
-    MsgVoteResp, ReadState, SoftState, MESSAGE_TYPES,
+    ENTRY_CONF_CHANGE, ENTRY_EMPTY, ENTRY_NORMAL, NONE, ConfChange, ConfState, Entry, HardState, Message, MsgApp,
+    MsgAppResp, MsgHeartbeat, MsgHeartbeatResp, MsgPreVote, MsgPreVoteResp, MsgReadIndex, MsgReadIndexResp, MsgSnap,
+    MsgTimeoutNow, MsgVote, MsgVoteResp, ReadState, SoftState, MESSAGE_TYPES,
 )
 from actors.raft.storage import Storage
-from actors.raft.tracker import STATE_PROBE, STATE_REPLICATE, Progress
+from actors.raft.tracker import STATE_PROBE, STATE_REPLICATE, STATE_SNAPSHOT, Progress
 
 if TYPE_CHECKING:  # the RNG is passed in; the core never imports the module at run time
     import random
@@ -42,6 +61,10 @@ ROLE_FOLLOWER = "follower"
 ROLE_PRE_CANDIDATE = "pre_candidate"
 ROLE_CANDIDATE = "candidate"
 ROLE_LEADER = "leader"
+
+# Configurations remembered for `conf_state_at` (one per applied change; a
+# snapshot marker is taken at a recent applied index, so a few suffice).
+CONF_HISTORY_MAX = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +112,15 @@ class Raft:
         if not conf_state.voters:
             raise ConfigError("the configuration has no voters")
         self.voters: tuple[int, ...] = tuple(conf_state.voters)
+        self.learners: tuple[int, ...] = tuple(conf_state.learners)
+        self.members: tuple[int, ...] = conf_state.members()
         self.log = RaftLog(storage, hard_state.commit, config.applied)
+        # The configuration after applying every entry up to an index (the
+        # caller's start-up ConfState is the one at `applied`).
+        self.conf_history: list[tuple[int, ConfState]] = [(self.log.applied, conf_state)]
+        self.unapplied_conf_indexes: list[int] = []  # handed out in a Ready, not yet apply_conf_change'd
+        self.pending_conf_index = 0
+        self.lead_transferee = NONE
         self.term = hard_state.term
         self.vote = hard_state.vote
         self.lead = NONE
@@ -116,9 +147,13 @@ class Raft:
         return HardState(self.term, self.vote, self.log.committed)
 
     def soft_state(self) -> SoftState:
-        return SoftState(self.lead, self.role)
+        return SoftState(self.lead, self.role, self.lead_transferee)
+
+    def conf_state(self) -> ConfState:
+        return ConfState(self.voters, self.learners)
 
     def promotable(self) -> bool:
+        """Only a voter campaigns (learners and removed nodes never do)."""
         return self.id in self.voters
 
     def is_single_voter(self) -> bool:
@@ -138,9 +173,11 @@ class Raft:
         self.reset_randomized_election_timeout()
         self.votes = {}
         self.append_pending = False
+        self.pending_conf_index = 0
+        self.lead_transferee = NONE
         self._drop_reads()
         last = self.log.last_index()
-        self.progress = {voter: Progress(last + 1, self.config.max_inflight_appends) for voter in self.voters}
+        self.progress = {member: Progress(last + 1, self.config.max_inflight_appends) for member in self.members}
         if self.id in self.progress:
             self.progress[self.id].match = self.log.persisted_last_index()
 
@@ -195,6 +232,9 @@ class Raft:
         self.role = ROLE_LEADER
         self.progress[self.id].become_replicate()
         self.progress[self.id].recent_active = True
+        # Our log may hold a change not yet applied: no new one until all of it
+        # is applied (etcd: scanning the tail for one would cost more).
+        self.pending_conf_index = self.log.last_index()
         # A no-op of the new term lets the leader commit (§5.4.2, §8).
         self.append_entries([(ENTRY_EMPTY, b"")])
 
@@ -217,6 +257,8 @@ class Raft:
             if self.config.check_quorum:
                 if not self.maybe_keep_leadership():
                     return
+            # A transfer not done within an election timeout is given up.
+            self.abort_leader_transfer()
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
             self.heartbeat_elapsed = 0
             self.broadcast_heartbeat(0)
@@ -242,7 +284,7 @@ class Raft:
         else:
             self._campaign(pre_vote=False)
 
-    def _campaign(self, pre_vote: bool) -> None:
+    def _campaign(self, pre_vote: bool, transfer: bool = False) -> None:
         if pre_vote:
             self.become_pre_candidate()
             term = self.term + 1
@@ -256,11 +298,15 @@ class Raft:
             else:
                 self.become_leader()
             return
-        message_type = MsgPreVote if pre_vote else MsgVote
         last_index, last_term = self.log.last_index(), self.log.last_term()
         for voter in self.voters:
-            if voter != self.id:
-                self.send(message_type(to=voter, sender=self.id, term=term, log_term=last_term, index=last_index))
+            if voter == self.id:
+                continue
+            if pre_vote:
+                self.send(MsgPreVote(to=voter, sender=self.id, term=term, log_term=last_term, index=last_index))
+            else:
+                self.send(MsgVote(to=voter, sender=self.id, term=term, log_term=last_term, index=last_index,
+                                  transfer=transfer))
 
     def poll(self, voter: int, granted: bool) -> str:
         self.votes.setdefault(voter, granted)
@@ -277,10 +323,130 @@ class Raft:
         return self.log.append(entries)
 
     def propose(self, data: bytes, entry_type: int = ENTRY_NORMAL) -> int:
-        """Append one entry; returns its index. Raises ProposalDropped unless leader."""
+        """Append one entry; returns its index. Raises ProposalDropped unless
+        leader, or while leadership is being transferred."""
+        if entry_type == ENTRY_CONF_CHANGE:
+            raise ValueError("membership changes go through propose_conf_change")
+        self._check_proposals_taken()
+        return self.append_entries([(entry_type, data)])
+
+    def _check_proposals_taken(self) -> None:
         if self.role != ROLE_LEADER:
             raise ProposalDropped(f"not the leader (leader is {self.lead or 'unknown'})")
-        return self.append_entries([(entry_type, data)])
+        if self.lead_transferee != NONE:
+            raise ProposalDropped(f"leadership is being transferred to {self.lead_transferee}")
+
+    # ---- membership -------------------------------------------------------------
+
+    def propose_conf_change(self, change: ConfChange) -> int:
+        """Append a membership change; returns its index. Raises ProposalDropped
+        (ConfChangePending while an earlier change is not applied) or a
+        ConfChangeInvalid subclass when it does not fit the configuration."""
+        self._check_proposals_taken()
+        if self.pending_conf_index > self.log.applied or self.unapplied_conf_indexes:
+            raise ConfChangePending(f"a membership change (up to index {self.pending_conf_index}) is not applied yet")
+        validate_conf_change(self.conf_state(), change)
+        index = self.append_entries([(ENTRY_CONF_CHANGE, change.encode())])
+        self.pending_conf_index = index
+        return index
+
+    def note_conf_changes_handed_out(self, entries: list[Entry]) -> None:
+        """RawNode: these committed entries went out in a Ready; their
+        changes count as pending until apply_conf_change is called."""
+        for entry in entries:
+            if entry.type == ENTRY_CONF_CHANGE:
+                self.unapplied_conf_indexes.append(entry.index)
+
+    def apply_conf_change(self, change: ConfChange) -> ConfState:
+        """The caller applies a committed change (in log order); returns the new
+        configuration. Lenient like etcd's: a change that no longer fits (never
+        proposed that way) changes nothing, except that the last voter stays."""
+        index = self.unapplied_conf_indexes.pop(0) if self.unapplied_conf_indexes else self.log.applied
+        conf_state = changed_conf_state(self.conf_state(), change)
+        self.conf_history.append((index, conf_state))
+        del self.conf_history[:-CONF_HISTORY_MAX]
+        self.switch_to_config(conf_state)
+        return conf_state
+
+    def conf_state_at(self, index: int) -> ConfState:
+        """The configuration after applying every entry up to `index` (for a
+        snapshot marker at `index`). Raises Compacted below the history kept,
+        Unavailable where a change up to `index` may not be applied yet."""
+        if index < self.conf_history[0][0]:
+            raise Compacted(f"configuration at {index} is no longer kept (oldest {self.conf_history[0][0]})")
+        if index > self.log.applied or (self.unapplied_conf_indexes and self.unapplied_conf_indexes[0] <= index):
+            raise Unavailable(f"index {index} is not applied yet (applied {self.log.applied})")
+        for changed_at, conf_state in reversed(self.conf_history):  # bounded by CONF_HISTORY_MAX
+            if changed_at <= index:
+                return conf_state
+        raise AssertionError("unreachable: the oldest history entry is <= index")
+
+    def switch_to_config(self, conf_state: ConfState) -> None:
+        self.voters, self.learners, self.members = conf_state.voters, conf_state.learners, conf_state.members()
+        last = self.log.last_index()
+        for member in list(self.progress):
+            if member not in self.members:
+                del self.progress[member]
+        for member in self.members:
+            if member not in self.progress:
+                progress = Progress(last + 1, self.config.max_inflight_appends)
+                # A new member has not had a chance to answer yet: don't let
+                # check-quorum count it as silent (etcd does the same).
+                progress.recent_active = True
+                self.progress[member] = progress
+        if self.role == ROLE_LEADER:
+            self._leader_switched_config()
+        elif self.role in (ROLE_CANDIDATE, ROLE_PRE_CANDIDATE) and not self.promotable():
+            self.become_follower(self.term, NONE)
+
+    def _leader_switched_config(self) -> None:
+        if not self.promotable():
+            # Removed (etcd: the leader removing itself steps down once it
+            # applies the change). Hand over to a caught-up voter first so the
+            # cluster need not wait out an election timeout.
+            self._hand_over_leadership()
+            self.become_follower(self.term, NONE)
+            return
+        if self.lead_transferee != NONE and self.lead_transferee not in self.voters:
+            self.abort_leader_transfer()
+        if self.maybe_commit():
+            self.append_pending = True  # a smaller quorum may commit more: tell everyone
+        for member in self.members:
+            if member != self.id and self.progress[member].match == 0:
+                self.maybe_send_append(member, send_if_empty=True)  # probe new members now
+        self._release_confirmed_reads()
+
+    def _hand_over_leadership(self) -> None:
+        last = self.log.last_index()
+        caught_up = [voter for voter in self.voters if self.progress[voter].match == last]
+        if caught_up:
+            self.send(MsgTimeoutNow(to=caught_up[0], sender=self.id, term=self.term))
+
+    # ---- leadership transfer ----------------------------------------------------
+
+    def transfer_leader(self, target: int) -> None:
+        """Leader: hand leadership to voter `target` (thesis §3.10). Raises
+        ProposalDropped unless leader, BadTransferee unless `target` is a voter.
+        Transferring to ourselves cancels a transfer in progress."""
+        if self.role != ROLE_LEADER:
+            raise ProposalDropped(f"not the leader (leader is {self.lead or 'unknown'})")
+        if target == self.id:
+            self.abort_leader_transfer()
+            return
+        if target not in self.voters:
+            raise BadTransferee(f"{target} is not a voter")
+        if self.lead_transferee == target:
+            return  # already under way
+        self.abort_leader_transfer()
+        self.lead_transferee = target
+        self.election_elapsed = 0  # the transfer has one election timeout
+        if self.progress[target].match == self.log.last_index():
+            self.send(MsgTimeoutNow(to=target, sender=self.id, term=self.term))
+        else:
+            self.maybe_send_append(target, send_if_empty=True)
+
+    def abort_leader_transfer(self) -> None:
+        self.lead_transferee = NONE
 
     def read_index(self, context, requester: int = NONE) -> None:
         """Ask for a linearizable read index (thesis §6.4); the answer arrives as
@@ -324,7 +490,7 @@ class Raft:
 
     def on_persisted(self, index: int) -> None:
         """The caller made the log durable up to `index` (RawNode.advance)."""
-        if self.role == ROLE_LEADER and index <= self.log.last_index():
+        if self.role == ROLE_LEADER and index <= self.log.last_index() and self.id in self.progress:
             if self.progress[self.id].maybe_update(min(index, self.log.persisted_last_index())):
                 if self.maybe_commit():
                     self.append_pending = True
@@ -337,16 +503,16 @@ class Raft:
 
     def broadcast_append(self) -> None:
         """Send every follower what it lacks: one append (or probe) each, and for
-        a follower in REPLICATE as many as its inflight window allows."""
-        for voter in self.voters:
-            if voter == self.id:
+        a follower in REPLICATE as many as its inflight window allows (learners too)."""
+        for member in self.members:
+            if member == self.id:
                 continue
-            if not self.maybe_send_append(voter, send_if_empty=True):
+            if not self.maybe_send_append(member, send_if_empty=True):
                 continue
             for _ in range(self.config.max_inflight_appends):  # bounded by the window
-                if self.progress[voter].state != STATE_REPLICATE:
+                if self.progress[member].state != STATE_REPLICATE:
                     break
-                if not self.maybe_send_append(voter, send_if_empty=False):
+                if not self.maybe_send_append(member, send_if_empty=False):
                     break
 
     def maybe_send_append(self, to: int, send_if_empty: bool) -> bool:
@@ -360,9 +526,7 @@ class Raft:
         except Compacted:
             entries = None
         if previous_term is None or entries is None:
-            # The follower needs entries we compacted: snapshot transfer is a later issue.
-            progress.become_snapshot(self.log.storage.snapshot().index)
-            return False
+            return self.maybe_send_snapshot(to, progress)
         if not entries and not send_if_empty:
             return False
         self.send(MsgApp(to=to, sender=self.id, term=self.term, log_term=previous_term, index=previous_index,
@@ -373,11 +537,36 @@ class Raft:
             progress.probe_sent = True
         return True
 
+    def maybe_send_snapshot(self, to: int, progress: Progress) -> bool:
+        """The follower needs entries we compacted: send our snapshot marker as
+        MsgSnap (§7). The caller streams the state machine's data with it and
+        reports the outcome (report_snapshot); until then appends are held."""
+        if not progress.recent_active:
+            return False  # it may be down: wait until it answers (etcd)
+        snapshot = self.log.storage.snapshot()
+        assert snapshot.index > 0, "entries compacted without a snapshot marker"
+        progress.become_snapshot(snapshot.index)
+        self.send(MsgSnap(to=to, sender=self.id, term=self.term, snapshot=snapshot))
+        return True
+
+    def report_snapshot(self, to: int, failed: bool) -> None:
+        """The caller's transfer to `to` ended. Either way the follower goes
+        back to probing (paused until it answers): after a success the probe
+        starts after the snapshot; after a failure the next probe finds the
+        entries compacted again and a new MsgSnap retries the transfer."""
+        progress = self.progress.get(to)
+        if self.role != ROLE_LEADER or progress is None or progress.state != STATE_SNAPSHOT:
+            return
+        if failed:
+            progress.pending_snapshot = 0
+        progress.become_probe()
+        progress.probe_sent = True
+
     def broadcast_heartbeat(self, context: int) -> None:
-        for voter in self.voters:
-            if voter != self.id:
-                commit = min(self.progress[voter].match, self.log.committed)
-                self.send(MsgHeartbeat(to=voter, sender=self.id, term=self.term, commit=commit, context=context))
+        for member in self.members:
+            if member != self.id:
+                commit = min(self.progress[member].match, self.log.committed)
+                self.send(MsgHeartbeat(to=member, sender=self.id, term=self.term, commit=commit, context=context))
 
     # ---- step -------------------------------------------------------------------
 
@@ -403,9 +592,10 @@ class Raft:
     def _step_higher_term(self, message: Message) -> bool:
         """§5.1: a higher term makes us a follower, except the cases below. Returns
         whether to go on processing the message."""
-        if isinstance(message, (MsgVote, MsgPreVote)) and self._in_lease():
+        if isinstance(message, (MsgVote, MsgPreVote)) and self._in_lease() and not getattr(message, "transfer", False):
             # Leader lease (thesis §6.2/§9.6): we heard from a leader recently; a
-            # disruptive candidate is ignored.
+            # disruptive candidate is ignored (unless the leader itself sent it
+            # to campaign: a leadership transfer).
             return False
         if isinstance(message, MsgPreVote):
             return True  # a pre-vote never changes our term
@@ -464,7 +654,13 @@ class Raft:
         elif isinstance(message, MsgSnap):
             self.election_elapsed = 0
             self.lead = message.sender
-            # Hook: snapshot installation is a later issue.
+            self.handle_snapshot(message)
+        elif isinstance(message, MsgTimeoutNow):
+            # The leader hands over (§3.10): campaign now, no pre-vote (the
+            # leader vouches for our log), votes ignore their lease. A learner
+            # or removed node ignores it.
+            if self.promotable():
+                self._campaign(pre_vote=False, transfer=True)
 
     def step_candidate(self, message: Message) -> None:
         wanted = MsgPreVoteResp if self.role == ROLE_PRE_CANDIDATE else MsgVoteResp
@@ -509,6 +705,32 @@ class Raft:
         self.send(MsgAppResp(to=message.sender, sender=self.id, term=self.term, index=message.index,
                              reject=True, reject_hint=hint_index, log_term=hint_term))
 
+    def handle_snapshot(self, message: MsgSnap) -> None:
+        """§7 InstallSnapshot, as etcd: a snapshot newer than our log resets the
+        log to it (Ready.snapshot) and we answer at its index; an older one (or
+        one our log already holds) is answered with our commit index."""
+        if self.restore(message.snapshot):
+            self.send(MsgAppResp(to=message.sender, sender=self.id, term=self.term, index=self.log.last_index()))
+        else:
+            self.send(MsgAppResp(to=message.sender, sender=self.id, term=self.term, index=self.log.committed))
+
+    def restore(self, snapshot) -> bool:
+        if snapshot.index <= self.log.committed:
+            return False
+        if self.log.match_term(snapshot.index, snapshot.term):
+            # Our log has the snapshot's last entry: only the commit index moves.
+            self.log.commit_to(snapshot.index)
+            return False
+        self.log.restore(snapshot)
+        # The snapshot's configuration replaces ours: the changes that made it
+        # are below the snapshot, so they will never be applied here.
+        if snapshot.conf_state.voters:
+            self.conf_history = [(snapshot.index, snapshot.conf_state)]
+            self.unapplied_conf_indexes = []
+            self.pending_conf_index = 0
+            self.switch_to_config(snapshot.conf_state)
+        return True
+
     def handle_heartbeat(self, message: MsgHeartbeat) -> None:
         self.log.commit_to(min(message.commit, self.log.last_index()))
         self.send(MsgHeartbeatResp(to=message.sender, sender=self.id, term=self.term, context=message.context))
@@ -531,6 +753,11 @@ class Raft:
             return
         if progress.state == STATE_PROBE:
             progress.become_replicate()
+        elif progress.state == STATE_SNAPSHOT and progress.match + 1 >= self.log.first_index():
+            # The follower installed a snapshot (ours, or a newer one) and the
+            # log from there is ours to send: replicate again.
+            progress.become_probe()
+            progress.become_replicate()
         elif progress.state == STATE_REPLICATE:
             progress.inflights.free_le(message.index)
         if self.maybe_commit():
@@ -539,6 +766,8 @@ class Raft:
         for _ in range(self.config.max_inflight_appends):
             if not self.maybe_send_append(message.sender, send_if_empty=False):
                 break
+        if message.sender == self.lead_transferee and progress.match == self.log.last_index():
+            self.send(MsgTimeoutNow(to=message.sender, sender=self.id, term=self.term))
 
     def handle_heartbeat_response(self, message: MsgHeartbeatResp) -> None:
         progress = self.progress.get(message.sender)
@@ -558,8 +787,50 @@ class Raft:
             if read_round.round_id == round_id:
                 read_round.acks.add(voter)
                 if quorum.has_quorum(self.voters, read_round.acks):
-                    # Confirms this round and every earlier one.
-                    for done in self.read_rounds[:position + 1]:
-                        self._release_reads(done.index, done.requests)
-                    del self.read_rounds[:position + 1]
+                    self._release_read_rounds_to(position)
                 return
+
+    def _release_read_rounds_to(self, position: int) -> None:
+        """A quorum confirmed round `position`: it and every earlier one are served."""
+        for done in self.read_rounds[:position + 1]:
+            self._release_reads(done.index, done.requests)
+        del self.read_rounds[:position + 1]
+
+    def _release_confirmed_reads(self) -> None:
+        """After a configuration change a smaller quorum may already confirm a round."""
+        for position in range(len(self.read_rounds) - 1, -1, -1):
+            if quorum.has_quorum(self.voters, self.read_rounds[position].acks):
+                self._release_read_rounds_to(position)
+                return
+
+
+# ---- membership rules (pure functions of a configuration) ------------------------------
+
+def validate_conf_change(conf_state: ConfState, change: ConfChange) -> None:
+    """Raise the ConfChangeInvalid subclass that says why `change` does not fit."""
+    members = conf_state.members()
+    if change.kind in ("add_voter", "add_learner"):
+        if change.node_id in members:
+            raise MemberExists(f"{change.node_id} is already a member")
+        return
+    if change.node_id not in members:
+        raise MemberNotFound(f"{change.node_id} is not a member")
+    if change.kind == "promote_learner" and change.node_id not in conf_state.learners:
+        raise MemberNotLearner(f"{change.node_id} is not a learner")
+    if change.kind == "remove" and conf_state.voters == (change.node_id,):
+        raise RemovingLastVoter(f"{change.node_id} is the only voter")
+
+
+def changed_conf_state(conf_state: ConfState, change: ConfChange) -> ConfState:
+    """The configuration after `change` (a change that does not fit is a no-op)."""
+    voters, learners = set(conf_state.voters), set(conf_state.learners)
+    node = change.node_id
+    if change.kind == "add_voter" or (change.kind == "promote_learner" and node in learners):
+        learners.discard(node)
+        voters.add(node)
+    elif change.kind == "add_learner" and node not in voters:
+        learners.add(node)
+    elif change.kind == "remove" and voters != {node}:
+        voters.discard(node)
+        learners.discard(node)
+    return ConfState(tuple(sorted(voters)), tuple(sorted(learners)))

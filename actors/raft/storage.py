@@ -110,6 +110,14 @@ class MemoryStorage:
         kept = self._entries[position]
         self._entries = [Entry(kept.index, kept.term, 0, b"")] + self._entries[position + 1:]
 
+    def apply_snapshot(self, snapshot: SnapshotMeta) -> None:
+        """The log was reset to an installed snapshot: every entry goes, the
+        snapshot is the new compaction point (etcd's ApplySnapshot)."""
+        assert snapshot.index >= self._snapshot.index, (snapshot, self._snapshot)
+        self._snapshot = snapshot
+        self.conf_state = snapshot.conf_state
+        self._entries = [Entry(snapshot.index, snapshot.term, 0, b"")]
+
     def set_snapshot(self, snapshot: SnapshotMeta) -> None:
         """Record a snapshot marker (does not compact by itself)."""
         assert snapshot.index >= self._snapshot.index

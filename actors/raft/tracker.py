@@ -4,8 +4,9 @@ How this works: each peer has a `Progress` in one of three states.
 PROBE: we don't know where its log matches; send one append at a time (then
 pause until it answers or a heartbeat response arrives). REPLICATE: it is
 caught up; stream appends optimistically, at most `max_inflight` unacknowledged
-(the `Inflights` ring). SNAPSHOT: it needs entries we compacted; hold appends
-(snapshot transfer is a later issue, `MsgSnap` is the hook).
+(the `Inflights` ring). SNAPSHOT: it needs entries we compacted; a MsgSnap
+was sent and appends are held until the follower acknowledges a snapshot
+(-> replicate) or the caller reports the transfer ended (-> probe).
 """
 
 from __future__ import annotations

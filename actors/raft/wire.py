@@ -3,7 +3,8 @@
 How this works: a message is `[type_code, to, sender, term, *fields]`, the
 fields in the order of the dataclass (`MESSAGE_TYPES` gives the codes, by
 position: never reorder it, append only). Entries travel as
-`[index, term, type, data]`, a snapshot marker as `[index, term, voters]`.
+`[index, term, type, data]`, a snapshot marker as `[index, term, voters,
+learners]`.
 `decode` validates everything it builds (types, sizes are the transport's
 business) and raises `WireError` on a peer's bad input, which the caller logs
 and drops: a malformed message from a peer must not kill the log.
@@ -32,7 +33,7 @@ def _encode_value(name: str, value):
     if name == "entries":
         return [tuple(entry) for entry in value]
     if name == "snapshot":
-        return [value.index, value.term, list(value.conf_state.voters)]
+        return [value.index, value.term, list(value.conf_state.voters), list(value.conf_state.learners)]
     return value
 
 
@@ -74,14 +75,19 @@ def _decode_value(name: str, value):
     if name == "entries":
         return _decode_entries(value)
     if name == "snapshot":
-        if not isinstance(value, list) or len(value) != 3 or not isinstance(value[2], list):
-            raise WireError("a snapshot is [index, term, voters]")
-        return SnapshotMeta(_int(value[0]), _int(value[1]), ConfState(tuple(_int(v) for v in value[2])))
+        if (not isinstance(value, list) or len(value) != 4 or not isinstance(value[2], list)
+                or not isinstance(value[3], list)):
+            raise WireError("a snapshot is [index, term, voters, learners]")
+        voters, learners = tuple(_int(v) for v in value[2]), tuple(_int(v) for v in value[3])
+        try:
+            return SnapshotMeta(_int(value[0]), _int(value[1]), ConfState(voters, learners))
+        except ValueError as error:
+            raise WireError(f"invalid snapshot configuration: {error}") from None
     if name == "context":
         return _decode_context(value)
-    if name == "reject":
+    if name in ("reject", "transfer"):
         if type(value) is not bool:
-            raise WireError("reject must be a boolean")
+            raise WireError(f"{name} must be a boolean")
         return value
     return _int(value)
 
