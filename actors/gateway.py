@@ -27,7 +27,7 @@ from actors import ipc, sockets
 from actors.compactor import CHECK_INTERVAL_MS, AutoCompactor
 from actors.config import NodeConfig
 from actors.gateway_core import SERVER_VERSION, GatewayCore
-from actors.grpc_front import GrpcFront, GrpcOrigin
+from actors.grpc_front import GrpcFront, GrpcOrigin, StoreGate
 from actors.http_gateway import HttpFront
 from actors.lessor import min_ttl_s
 from actors.loop import ActorLoop
@@ -74,6 +74,9 @@ class Gateway:
         self.identity = ipc.gateway_identity(index)
         self.context = zmq.Context()
         self.store = open_store(config)
+        # The gRPC front's handler threads read the store too (serializable
+        # reads): reopening or closing it waits for them.
+        self.store_gate = StoreGate()
         self.outbox: dict[bytes, list] = {}
         self.core = GatewayCore(store=self.store, limits=self.limits, member_id=config.member_id(),
                                 cluster_id=config.cluster_id(), gateway_identity=self.identity,
@@ -249,7 +252,8 @@ class Gateway:
         _kind, applied_index, _revision, generation = message
         self.applier_linked = True
         if generation != self.store.generation:
-            self.store.reopen_if_stale(generation)
+            with self.store_gate.changing():
+                self.store.reopen_if_stale(generation)
         self.core.on_applied(applied_index)
 
     # ---- node-local operations ------------------------------------------------
@@ -346,7 +350,8 @@ class Gateway:
         self.flush()
         for stream in self.snapshots:
             stream.close()
-        self.store.close()
+        with self.store_gate.changing():
+            self.store.close()
         self.context.destroy(linger=0)
 
 

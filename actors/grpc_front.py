@@ -4,14 +4,21 @@ How this works: each gateway process runs a grpcio server (a thread pool)
 on `--listen-client-urls`, with SO_REUSEPORT so every gateway of the node
 serves the same port and the kernel spreads connections over them. A gRPC
 handler thread does no KV or lease logic: it turns the protobuf request into
-our request dict (the field names are etcd's, so this is mostly a copy), packs
-it with a token and pushes it over an inproc ZeroMQ socket to the gateway's
-single-threaded loop, then waits on a queue of its own for the answer. The
-loop hands the request to `GatewayCore.submit` with a `GrpcOrigin`; the
-gateway's `emit` gives answers for such origins to `deliver`, which puts them
-on the waiting thread's queue. The thread turns the answer dict into the
-protobuf response, or an error into etcd's gRPC status code and message
-(protocol/errors.py).
+our request dict (the field names are etcd's, so this is mostly a copy) and
+appends it, with a `GrpcOrigin` of its own, to a deque the gateway's
+single-threaded loop drains; an inproc ZeroMQ message wakes the loop once
+per batch (only when it is not already due to drain). The loop hands each
+request to `GatewayCore.submit`; the gateway's `emit` gives answers for such
+origins to `deliver`, which puts them on the origin's SimpleQueue, where the
+handler thread waits (checking every `WAIT_POLL_S` that its client is still
+there). The thread turns the answer dict into the protobuf response, or an
+error into etcd's gRPC status code and message (protocol/errors.py). A
+handler that stops waiting marks its origin gone, so the loop drops its
+request or answer. Serializable reads (local by etcd's definition) skip the
+loop: the handler thread runs them through the core itself, reading the
+store under a `StoreGate` so the loop never reopens (defragment) or closes
+the store under a read. The loop's own reads and the handler threads' all
+read the latest committed LMDB state, so revisions stay monotonic.
 
 Services: KV, Lease, Maintenance and Cluster map each RPC onto the core
 operation of the same meaning (Cluster's onto the `member_*` ops, Hash onto
@@ -40,8 +47,9 @@ grpcio, and one larger than `--max-request-bytes` by the core, as etcd does.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import itertools
+import contextlib
 import os
 import queue
 import threading
@@ -54,7 +62,6 @@ from actors.grpc_messages import abort, to_body, to_message
 from actors.grpc_recipes import RECIPE_WAITS_MAX, ElectionService, LockService, RecipeHandlers
 from actors.grpc_watch import WATCH_STREAMS_MAX, WatchService
 from actors.snapshot_file import SnapshotFile
-from protocol import codec
 from protocol.codec import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 from protocol.errors import QuorumError
 from protocol.etcd.etcdserverpb import rpc_pb2 as pb, rpc_pb2_grpc as pb_grpc
@@ -74,12 +81,56 @@ SNAPSHOT_CHUNKS_PER_PUMP = 4
 WAIT_POLL_S = 0.5
 
 class GrpcOrigin:
-    """The `origin` of a request that came in over gRPC: its waiting queue's token."""
+    """The `origin` of a request that came in over gRPC: where its answers go.
 
-    __slots__ = ("token",)
+    `answers` is read only by the handler thread that made the request; it
+    sets `gone` when it stops listening (answered, client away, stopping),
+    after which the loop drops what it would have handed over."""
 
-    def __init__(self, token: int):
-        self.token = token
+    __slots__ = ("answers", "gone")
+
+    def __init__(self):
+        self.answers = queue.SimpleQueue()
+        self.gone = False
+
+
+class StoreGate:
+    """Many handler threads reading the gateway's store, or the loop alone
+    changing it (reopening it after a defragment, closing it).
+
+    The lock is held only to count readers, never across a read, so readers
+    do not wait for one another. A change waits for the reads under way
+    (each one range of the local store) and holds new ones off until done."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._readers = 0
+        self._changing = False
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._changing:
+                self._changed.wait_for(lambda: not self._changing)  # bounded: one reopen
+            self._readers += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0 and self._changing:
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def changing(self):
+        with self._lock:
+            self._changing = True
+            self._changed.wait_for(lambda: self._readers == 0)  # bounded: each read is one range
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._changing = False
+                self._changed.notify_all()
 
 
 # ---- the front ---------------------------------------------------------------
@@ -96,8 +147,10 @@ class GrpcFront:
         self.socket.setsockopt(zmq.RCVHWM, self.limits.socket_high_water_mark)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(self.endpoint)
-        self.tokens = itertools.count(1)
-        self.waiting: dict[int, queue.Queue] = {}
+        # Requests from handler threads for the loop (at most one per thread),
+        # and whether the loop has been woken for them and not yet drained.
+        self.intake: collections.deque = collections.deque()
+        self.wake_pending = False
         self.thread_sockets = threading.local()
         self.snapshots: list[SnapshotFile] = []
         self.stopping = False
@@ -135,33 +188,52 @@ class GrpcFront:
 
     # ---- handler threads -------------------------------------------------
 
-    def _push(self, token: int, op: str, body: dict, size_bytes: int) -> None:
+    def _push(self, origin: GrpcOrigin, op: str, body: dict, size_bytes: int) -> None:
+        # The deque is the hand-off; the inproc message only wakes the loop,
+        # once per batch: a thread that finds `wake_pending` set knows the
+        # loop has yet to clear it, so it will drain after this append.
+        self.intake.append((origin, op, body, size_bytes))
+        if self.wake_pending:
+            return
+        self.wake_pending = True
         socket = getattr(self.thread_sockets, "socket", None)
         if socket is None:
             socket = self.gateway.context.socket(zmq.PUSH)
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(self.endpoint)
             self.thread_sockets.socket = socket
-        socket.send(codec.pack([token, op, body, size_bytes]))
+        socket.send(b"")
 
-    def open(self, op: str, body: dict, size_bytes: int) -> tuple[int, queue.Queue]:
-        token = next(self.tokens)
-        answers: queue.Queue = queue.Queue()
-        self.waiting[token] = answers
+    def open(self, op: str, body: dict, size_bytes: int) -> GrpcOrigin:
+        origin = GrpcOrigin()
+        if op == "range" and body.get("serializable") is True:
+            # A serializable read is local (etcd: possibly stale): served
+            # here from the store, not through the loop. The gate keeps the
+            # loop from swapping the store (defragment) or closing it meanwhile.
+            gate = self.gateway.store_gate
+            gate.enter()
+            try:
+                if self.stopping:
+                    raise QuorumError("Stopped")
+                self.gateway.core.submit(origin, op, body, size_bytes)
+            finally:
+                gate.leave()
+            return origin
         try:
-            self._push(token, op, body, size_bytes)
+            self._push(origin, op, body, size_bytes)
         except zmq.ZMQError:
-            self.waiting.pop(token, None)
+            origin.gone = True
             raise QuorumError("Stopped")
-        return token, answers
+        return origin
 
     def answers(self, op: str, body: dict, size_bytes: int, context):
         """(status, body) answers to one request, until the final one; a generator."""
         try:
-            token, answers = self.open(op, body, size_bytes)
+            origin = self.open(op, body, size_bytes)
         except QuorumError as error:
             yield STATUS_ERROR, error.to_wire()
             return
+        answers = origin.answers
         try:
             while True:  # bounded by the client's deadline or the core's answer
                 try:
@@ -174,7 +246,7 @@ class GrpcFront:
                 if status != STATUS_PARTIAL:
                     return
         finally:
-            self.waiting.pop(token, None)
+            origin.gone = True
 
     def call(self, op: str, body: dict, size_bytes: int, context) -> dict:
         """One request, its one answer; an error aborts the RPC with etcd's status."""
@@ -186,10 +258,15 @@ class GrpcFront:
 
     # ---- the gateway's loop ------------------------------------------------
 
-    def on_requests(self, batch: list) -> None:
-        for frame in batch:
-            token, op, body, size_bytes = codec.unpack(frame)
-            origin = GrpcOrigin(token)
+    def on_requests(self, _wake_ups: list) -> None:
+        # Cleared before draining: a request appended after this point
+        # either is drained below or sends a wake-up of its own.
+        self.wake_pending = False
+        intake = self.intake
+        for _ in range(len(intake)):  # each handler thread has at most one request here
+            origin, op, body, size_bytes = intake.popleft()
+            if origin.gone:
+                continue
             if op == "snapshot":
                 self._start_snapshot(origin)
             else:
@@ -198,22 +275,19 @@ class GrpcFront:
 
     def deliver(self, origin: GrpcOrigin, status: int, body: dict) -> bool:
         """Hand an answer to the waiting handler thread; False when it has gone."""
-        answers = self.waiting.get(origin.token)
-        if answers is None:
+        if origin.gone:
             return False
-        answers.put((status, body))
+        origin.answers.put((status, body))
         return True
 
     def _start_snapshot(self, origin: GrpcOrigin) -> None:
-        if origin.token not in self.waiting:
-            return
         stream = SnapshotFile(self.gateway.store, self.gateway.config.data_dir, origin)
         self.snapshots.append(stream)
         self.log.info("grpc snapshot stream started", bytes=stream.size)
 
     def pump_snapshots(self) -> None:
         for stream in list(self.snapshots):
-            answers = self.waiting.get(stream.origin.token)
+            answers = None if stream.origin.gone else stream.origin.answers
             finished = answers is None  # the handler thread has gone
             for _ in range(SNAPSHOT_CHUNKS_PER_PUMP if answers is not None else 0):
                 if answers.qsize() >= SNAPSHOT_QUEUED_CHUNKS_MAX:
