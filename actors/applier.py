@@ -231,7 +231,7 @@ class Applier:
         current = self.store.applied_index()
         if applied_index <= current:
             self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False,
-                                       f"store already at applied index {current}"]))
+                                       f"{ipc.STORE_ALREADY_AHEAD}: applied index {current}"]))
             return
         try:
             generation = self.store.install(path, applied_index)

@@ -118,6 +118,10 @@ LEASE_REQUEST = "lease_request"
 LEASE_REPLY = "lease_reply"
 INSTALL_SNAPSHOT = "install_snapshot"
 SNAPSHOT_INSTALLED = "snapshot_installed"
+# The detail of a SNAPSHOT_INSTALLED refusal because the store already holds the
+# snapshot's index: the raft log still steps the MsgSnap so the core answers the
+# leader with its commit index (else a lost ack makes the leader resend forever).
+STORE_ALREADY_AHEAD = "store already at or past the snapshot"
 MEMBER_REQUEST = "member_request"
 MEMBER_REPLY = "member_reply"
 LEADER_CHANGED = "leader_changed"

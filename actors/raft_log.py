@@ -370,8 +370,9 @@ class RaftLogActor:
             raise MalformedMessage(f"SUBSCRIBE from {identity[:40]!r}, not the applier")
         applied = message[1]
         if applied + 1 < self.storage.first_index():
-            # The applier is behind our compaction point: it needs a store
-            # snapshot (a later issue). Delivering from here would leave a gap.
+            # The applier is behind our compaction point (its store was lost or
+            # replaced by an older one): delivering from here would leave a gap;
+            # only a store copy (snapshot transfer from the leader) can help.
             self.log.error("applier behind the log's first index; not delivering",
                            applied_index=applied, first_index=self.storage.first_index())
             self.subscribed = False

@@ -343,6 +343,9 @@ class SnapshotStreams:
         header, sender, path, message, _started = self.installing
         if ok:
             self.received_total += 1
+        if ok or str(detail).startswith(ipc.STORE_ALREADY_AHEAD):
+            # Stepped also when the store already holds it: the core then answers
+            # the leader with its commit index, as etcd's does for an old snapshot.
             self.steps.append(message)
         self._finish_install(header, sender, path, ok, "" if ok else str(detail))
 

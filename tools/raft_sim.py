@@ -13,8 +13,9 @@ random walk over it.
 nodes running the real Raft core and the real MVCC apply logic, a seeded event
 heap, a network that drops, duplicates, delays, reorders and partitions, disks
 with a durable and a volatile part, crashes (also inside a Ready) and restarts,
-pauses, clients; invariants after every event, then a liveness phase. A
-failing seed replays exactly:
+pauses, clients, periodic snapshots with log compaction and snapshot
+transfers; invariants after every event, then a liveness phase. A failing
+seed replays exactly:
 
     python -m tools.raft_sim --seed S --nodes N [--ticks T] [--trace]
     python -m tools.raft_sim SEED [STEPS]        # the small random walk
@@ -23,6 +24,7 @@ failing seed replays exactly:
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import hashlib
 import heapq
@@ -35,10 +37,11 @@ import ormsgpack
 from actors.mvcc.core import KeyEncoding, MvccWriter
 from actors.mvcc.memory_backend import MemoryBackend
 from actors.raft import (
-    ENTRY_CONF_CHANGE, ENTRY_NORMAL, ROLE_LEADER, BadTransferee, ConfChange, ConfChangeInvalid, Config, ConfState,
-    Entry, HardState, MemoryStorage, MsgAppResp, MsgPreVote, MsgPreVoteResp, MsgSnap, MsgTimeoutNow, MsgVoteResp,
-    ProposalDropped, RawNode, ReadIndexDropped,
+    ENTRY_CONF_CHANGE, ENTRY_NORMAL, ROLE_LEADER, BadTransferee, Compacted, ConfChange, ConfChangeInvalid, Config,
+    ConfState, Entry, HardState, MemoryStorage, MsgAppResp, MsgPreVote, MsgPreVoteResp, MsgSnap, MsgTimeoutNow,
+    MsgVoteResp, ProposalDropped, RawNode, ReadIndexDropped, SnapshotMeta, Unavailable,
 )
+from actors.raft.raft import changed_conf_state
 from protocol.messages import COMPARE_GREATER, TARGET_VERSION
 
 
@@ -313,11 +316,32 @@ def simulate(seed: int, steps: int = 400, size: int = 3) -> Network:
 # unapplied; the checker verifies that every node applies the same
 # configuration at each index, that successive configurations differ by one
 # member, and that a leader only appends a change when no earlier one is
-# unapplied in its log. A node starts from the initial configuration and
-# re-applies the committed changes from its log (no compaction here). A member
-# is started when the cluster first applies its addition, and stopped for
-# good a little after the cluster first applies its removal (etcd's removed
-# member shuts down; its peers refuse it).
+# unapplied in its log. A member is started when the cluster first applies
+# its addition (an empty disk and store), and stopped for good a little after
+# the cluster first applies its removal (etcd's removed member shuts down; its
+# peers refuse it).
+#
+# Snapshots, as actors/raft_log.py and actors/snapshot_stream.py do them.
+# Every `snapshot_entries` applied entries (a knob) a node writes a snapshot
+# marker (index, term, configuration: `conf_state_at`) at its applied index,
+# synced, and compacts its disk and its MemoryStorage to `catchup_entries`
+# entries before the marker, so lagging, restarted and new members often need
+# a snapshot. A node restarts from its marker (the core's configuration is
+# the marker's, `Config.applied` its index) and the durable entries; the
+# committed changes after the marker are applied to the core again. The
+# applier's store keeps its applied index, term, configuration (the member
+# table) and a digest chained over every entry it applied. When the core
+# sends MsgSnap, the leader's store as it is now (its own index, term and
+# configuration, as the real copy reports them) travels with it — the same
+# network faults apply (a lost transfer, a cut link, a crashed receiver: the
+# leader reports it failed after a stall; duplicates; late, stale copies).
+# The receiver installs a copy only if it is ahead of its store, then steps
+# the MsgSnap, rewritten to the copy's index, term and configuration (also
+# when the store already holds it: STEP_SNAPSHOTS_THE_STORE_HOLDS); the core
+# may reset its log (Ready.snapshot, persisted first) or only move its commit. The
+# result goes back to the leader, which calls `report_snapshot`. A crash
+# between the install and the persisted reset leaves a store ahead of the
+# log: the restart finishes the reset as `finish_interrupted_install` does.
 #
 # Invariants are checked after every event (see `SimulationChecker`). After the
 # chaos phase everything is healed and the cluster must elect a leader, commit
@@ -325,10 +349,6 @@ def simulate(seed: int, steps: int = 400, size: int = 3) -> Network:
 # configuration on every member of the current configuration) within a bound
 # of simulated ticks.
 #
-# Hooks, not built (the core has none yet): snapshots would compact `SimDisk`
-# after a marker, `_send` would carry the sender's store with a `MsgSnap`
-# (today it refuses one loudly) and `SimDisk.storage` would rebuild from the
-# marker (`MemoryStorage.from_entries`, as the actor does).
 
 TICK_UNITS = 100  # simulated time units per Raft tick (one heartbeat interval)
 ELECTION_TICKS = 10
@@ -339,6 +359,15 @@ HASH_EVERY = 32  # the stores' KV hashes are compared at every 32nd applied inde
 EXTRA_MEMBERS_MAX = 1  # members beyond the initial size the nemesis may add
 REMOVED_STOP_TICKS_MAX = 3  # a removed member is stopped within this many ticks of the removal
 KEYS = tuple(b"k%d" % number for number in range(8))
+SNAPSHOT_DELAY_UNITS_MAX = 2 * TICK_UNITS  # a store copy takes longer to stream than a message
+SNAPSHOT_STALL_TICKS_MAX = 5  # a transfer not answered within delay + this is reported failed
+# A copy not ahead of the receiver's store is not installed; its MsgSnap is
+# still stepped (the store holds that state), so the core answers at its
+# commit index, as etcd's does. False = the actor's current behaviour (the
+# MsgSnap is dropped with the copy): a follower that installed a snapshot
+# whose acknowledgement was lost is then sent the same snapshot for good
+# (seed 101533, 3 nodes, 80 ticks; see test_raft_sim.py).
+STEP_SNAPSHOTS_THE_STORE_HOLDS = True
 
 
 class SimulationFailure(AssertionError):
@@ -364,6 +393,8 @@ class Knobs:
     check_quorum: bool
     max_inflight_appends: int
     max_append_entries_bytes: int
+    snapshot_entries: int  # a snapshot marker every this many applied entries
+    catchup_entries: int  # entries kept before the marker when compacting
 
     @classmethod
     def draw(cls, rng: random.Random) -> "Knobs":
@@ -383,16 +414,22 @@ class Knobs:
             check_quorum=rng.random() < 0.8,
             max_inflight_appends=rng.choice((1, 2, 8, 256)),
             max_append_entries_bytes=rng.choice((1024, 4096, 1 << 20)),
+            snapshot_entries=rng.choice((3, 8, 20, 60)),
+            catchup_entries=rng.choice((0, 1, 4, 10)),
         )
 
 
 class SimDisk:
     """A node's WAL: written records are volatile until `sync()`. The durable
-    part is kept replayed (hard state + entries), as WAL recovery would give."""
+    part is kept replayed (snapshot marker, hard state, entries), as WAL
+    recovery would give it. The durable entries are [first, last_index()];
+    a compaction drops a prefix, a reset to an installed snapshot drops them all."""
 
-    def __init__(self):
+    def __init__(self, conf_state: ConfState):
         self.hard_state = HardState()
-        self.entries: list[Entry] = []  # durable log, index 1..n (no compaction yet)
+        self.marker = SnapshotMeta(0, 0, conf_state)
+        self.first = 1  # index of entries[0]; <= marker.index + 1
+        self.entries: list[Entry] = []
         self.volatile: list[tuple] = []
         self.sync_count = 0
 
@@ -417,32 +454,101 @@ class SimDisk:
         return lost
 
     def _make_durable(self, record: tuple) -> None:
-        kind, value = record
+        kind = record[0]
         if kind == "entries":
-            first = value[0].index
-            assert first <= len(self.entries) + 1, f"WAL gap: entries from {first} after {len(self.entries)}"
-            del self.entries[first - 1:]
-            self.entries.extend(value)
-        else:
-            self.hard_state = value
+            entries = record[1]
+            start = entries[0].index
+            assert start <= self.last_index() + 1, f"WAL gap: entries from {start} after {self.last_index()}"
+            if start < self.first:  # (below the compaction point: committed, already here)
+                entries = entries[self.first - start:]
+                if not entries:
+                    return
+                start = self.first
+            del self.entries[start - self.first:]
+            self.entries.extend(entries)
+        elif kind == "hard":
+            self.hard_state = record[1]
+        elif kind == "marker":  # a snapshot marker (the entries stay until released)
+            assert record[1].index >= self.marker.index, (record[1], self.marker)
+            self.marker = record[1]
+        else:  # "reset": the log restarts at an installed snapshot
+            self.reset_to_snapshot(record[1], record[2])
+
+    def reset_to_snapshot(self, marker: SnapshotMeta, hard_state: HardState) -> None:
+        self.marker, self.hard_state = marker, hard_state
+        self.first, self.entries = marker.index + 1, []
+
+    def release(self, index: int) -> None:
+        """Drop the durable entries below `index` (the WAL's released segments)."""
+        if index > self.first:
+            del self.entries[:index - self.first]
+            self.first = index
 
     def last_index(self) -> int:
-        return len(self.entries)
+        return self.first + len(self.entries) - 1
 
-    def storage(self, conf_state: ConfState) -> MemoryStorage:
-        storage = MemoryStorage(conf_state, self.hard_state)
-        storage.append(list(self.entries))
-        return storage
+    def term(self, index: int) -> int | None:
+        if self.first <= index <= self.last_index():
+            return self.entries[index - self.first].term
+        return self.marker.term if index == self.marker.index else None
+
+    def holds(self, index: int, term: int) -> bool:
+        """Whether committed entry (index, term) is durable here (a snapshot
+        marker at or above a committed index holds it in the store)."""
+        return self.term(index) == term or index < self.marker.index
+
+    def storage(self) -> MemoryStorage:
+        return MemoryStorage.from_entries(self.marker.conf_state, self.hard_state, self.marker, list(self.entries))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotData:
+    """What travels with a MsgSnap: a copy of the sender's store and what the
+    store says about itself (its applied index and term, its member table,
+    the digest of every entry applied to reach it)."""
+
+    index: int
+    term: int
+    conf_state: ConfState
+    digest: bytes
+    backend: MemoryBackend
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotTransfer:
+    message: MsgSnap
+    data: SnapshotData
+    transfer_id: int
+    sender_incarnation: int
+
+
+def copy_backend(backend: MemoryBackend) -> MemoryBackend:
+    copy = MemoryBackend()
+    copy.tables = {name: dict(table) for name, table in backend.tables.items()}
+    copy.sorted_keys = {name: list(keys) for name, keys in backend.sorted_keys.items()}
+    return copy
+
+
+def chain_digest(digest: bytes, entry: Entry) -> bytes:
+    """The applied-entry digest after `entry`."""
+    header = b"%d:%d:%d:" % (entry.index, entry.term, entry.type)
+    return hashlib.blake2b(digest + header + entry.data, digest_size=8).digest()
 
 
 class SimNode:
     """One member: the core, its disk and its MVCC store (durable: LMDB)."""
 
-    def __init__(self, node_id: int):
+    def __init__(self, node_id: int, conf_state: ConfState):
         self.id = node_id
-        self.disk = SimDisk()
+        self.disk = SimDisk(conf_state)
         self.backend = MemoryBackend()
+        # The store (durable, as LMDB): applied index and term, member table, entry digest.
         self.store_applied = 0
+        self.store_term = 0
+        self.store_conf = conf_state
+        self.store_digest = b""
+        self.applied_seen = 0  # the core's applied index, in this life
+        self.snapshots_out: dict[int, int] = {}  # peer -> transfer id, in this life
         self.raw: RawNode | None = None
         self.up = False
         self.incarnation = 0
@@ -487,7 +593,13 @@ class SimulationChecker:
       the configuration it counted with (learners never count);
     - membership: every node applies the same configuration at each index, in
       index order; each differs from the one before by one member; a leader
-      appends a change only when no earlier change in its log is unapplied.
+      appends a change only when no earlier change in its log is unapplied;
+      the store's member table is the configuration at its applied index;
+    - snapshots: an installed store equals what applying the log up to its
+      index gives (the same revision, entry digest and, where known, KV hash
+      as the stores that applied the entries); a snapshot marker, a restored
+      core and a restarted core carry the configuration at their index; the
+      store's applied index never goes back, nor the core's within a life.
     """
 
     def __init__(self, sim: "Simulation"):
@@ -503,6 +615,9 @@ class SimulationChecker:
         self.exposed_term: dict[int, int] = {}  # node -> highest term it sent
         self.votes_granted: dict[tuple[int, int], int] = {}  # (node, term) -> candidate
         self.conf_at_index: dict[int, ConfState] = {0: sim.initial_conf_state}  # the change applied at an index
+        self.conf_indexes: list[int] = [0]  # the keys of conf_at_index, sorted
+        self.digest_at: dict[int, bytes] = {}  # applied index -> digest of the entries up to it
+        self.kv_hash_at: dict[int, int] = {}  # applied index -> KV hash (where one was computed)
 
     def fail(self, what: str) -> None:
         raise SimulationFailure(what)
@@ -519,6 +634,9 @@ class SimulationChecker:
         if log.committed < node.commit_seen:
             self.fail(f"node {node.id}: commit went back {node.commit_seen} -> {log.committed}")
         node.term_seen, node.commit_seen = raft.term, log.committed
+        if log.applied < node.applied_seen:
+            self.fail(f"node {node.id}: applied went back {node.applied_seen} -> {log.applied}")
+        node.applied_seen = log.applied
         if log.applied > log.committed:
             self.fail(f"node {node.id}: applied {log.applied} > committed {log.committed}")
         durable = node.disk.hard_state
@@ -544,8 +662,11 @@ class SimulationChecker:
         """Compare the node's newly committed entries with what others committed."""
         log, term = node.raw.raft.log, node.raw.raft.term
         old = len(self.committed_terms) - 1
-        for index in range(node.commit_checked + 1, log.committed + 1):
+        # (Below the log's first index the entries are in a snapshot: unknown here.)
+        for index in range(max(node.commit_checked + 1, log.first_index() - 1), log.committed + 1):
             entry_term = log.term(index)
+            if entry_term is None and index <= old:
+                continue
             if index <= old:
                 if entry_term != self.committed_terms[index]:
                     self.fail(f"node {node.id}: index {index} committed with term {entry_term}, "
@@ -578,15 +699,14 @@ class SimulationChecker:
         node.commit_quorum_checked = index = raft.log.committed
         entry_term = raft.log.term(index)
         holders = [voter for voter in raft.voters if voter in self.sim.nodes
-                   and len(self.sim.nodes[voter].disk.entries) >= index
-                   and self.sim.nodes[voter].disk.entries[index - 1].term == entry_term]
+                   and self.sim.nodes[voter].disk.holds(index, entry_term)]
         if len(holders) < len(raft.voters) // 2 + 1:
             self.fail(f"leader {node.id} committed {index} (term {entry_term}) held durably only by {holders} "
                       f"of voters {raft.voters}")
 
     def _check_leader_complete(self, node: SimNode, low: int) -> None:
         log, term = node.raw.raft.log, node.raw.raft.term
-        for index in range(low, len(self.committed_terms)):
+        for index in range(max(low, log.first_index() - 1), len(self.committed_terms)):
             if self.commit_term[index] <= term and log.term(index) != self.committed_terms[index]:
                 self.fail(f"leader {node.id} of term {term} lacks committed entry {index} "
                           f"(term {self.committed_terms[index]}, committed in term {self.commit_term[index]})")
@@ -600,6 +720,8 @@ class SimulationChecker:
         seen = self.entry_identity
         for entry in entries:
             identity = (log.term(entry.index - 1) if entry.index > 1 else 0, entry.data)
+            if identity[0] is None:
+                continue  # (the previous entry is compacted: nothing to compare)
             known = seen.setdefault((entry.index, entry.term), identity)
             if known != identity:
                 self.fail(f"log matching broken: node {node.id} has entry ({entry.index}, term {entry.term}) "
@@ -640,6 +762,46 @@ class SimulationChecker:
         if raft.term < previous[0] or raft.log.committed < previous[1]:
             self.fail(f"node {node.id} restarted with (term, commit) ({raft.term}, {raft.log.committed}) "
                       f"below its durable {previous}")
+        marker = node.disk.marker
+        if node.raw.conf_state() != self.conf_at(marker.index):
+            self.fail(f"node {node.id} restarted from marker {marker} with configuration {node.raw.conf_state()}, "
+                      f"the configuration at {marker.index} is {self.conf_at(marker.index)}")
+        if marker.index > node.store_applied:
+            self.fail(f"node {node.id}: snapshot marker {marker.index} above its store's applied {node.store_applied}")
+
+    def conf_at(self, index: int) -> ConfState:
+        """The configuration after every entry up to `index` (an applied index)."""
+        return self.conf_at_index[self.conf_indexes[bisect.bisect_right(self.conf_indexes, index) - 1]]
+
+    def on_marker(self, node: SimNode, marker: SnapshotMeta) -> None:
+        if marker.conf_state != self.conf_at(marker.index):
+            self.fail(f"node {node.id}: snapshot marker {marker} carries a configuration other than the one "
+                      f"at its index, {self.conf_at(marker.index)}")
+        if marker.index > 0 and marker.term != self.committed_terms[marker.index]:
+            self.fail(f"node {node.id}: snapshot marker {marker}, committed term {self.committed_terms[marker.index]}")
+
+    def on_install(self, node: SimNode, data: SnapshotData, kv_hash: int, revision: int) -> None:
+        """An installed store is what applying the log up to its index gives."""
+        index = data.index
+        if index <= node.store_applied:
+            self.fail(f"node {node.id}: store applied would go back {node.store_applied} -> {index}")
+        if index > len(self.committed_terms) - 1 or self.committed_terms[index] != data.term:
+            self.fail(f"node {node.id}: snapshot ({index}, term {data.term}) is not a committed entry")
+        if data.conf_state != self.conf_at(index):
+            self.fail(f"node {node.id}: snapshot at {index} has configuration {data.conf_state}, "
+                      f"the configuration there is {self.conf_at(index)}")
+        known = (self.digest_at.setdefault(index, data.digest), self.revision_at.setdefault(index, revision),
+                 self.kv_hash_at.setdefault(index, kv_hash))
+        if known != (data.digest, revision, kv_hash):
+            self.fail(f"node {node.id}: snapshot at {index} (digest, revision, KV hash) "
+                      f"{(data.digest.hex(), revision, kv_hash)} differs from the log's {known}")
+
+    def on_restore(self, node: SimNode, snapshot: SnapshotMeta) -> None:
+        """The core reset its log to a snapshot: its configuration is the one there."""
+        if node.raw.conf_state() != self.conf_at(snapshot.index):
+            self.fail(f"node {node.id} restored {snapshot} into configuration {node.raw.conf_state()}, "
+                      f"the configuration there is {self.conf_at(snapshot.index)}")
+        node.conf_index = snapshot.index
 
     def on_apply(self, node: SimNode, entries: list[Entry], revision: int, kv_hash: int | None,
                  results: list) -> None:
@@ -658,9 +820,22 @@ class SimulationChecker:
         previous = self.revision_at.setdefault(index, revision)
         if previous != revision:
             self.fail(f"node {node.id}: revision {revision} at applied index {index}, another node had {previous}")
+        known_digest = self.digest_at.setdefault(index, node.store_digest)
+        if known_digest != node.store_digest:
+            self.fail(f"node {node.id}: applied-entry digest at {index} differs from another node's")
+        if kv_hash is not None:
+            known_hash = self.kv_hash_at.setdefault(index, kv_hash)
+            if known_hash != kv_hash:
+                self.fail(f"node {node.id}: KV hash {kv_hash} at applied index {index}, elsewhere {known_hash}")
+        if node.store_conf != self.conf_at(index):
+            self.fail(f"node {node.id}: store member table {node.store_conf} at {index}, "
+                      f"the configuration there is {self.conf_at(index)}")
 
     def on_conf_change(self, node: SimNode, index: int, previous: ConfState, conf_state: ConfState) -> None:
-        known = self.conf_at_index.setdefault(index, conf_state)
+        if index not in self.conf_at_index:
+            self.conf_at_index[index] = conf_state
+            bisect.insort(self.conf_indexes, index)
+        known = self.conf_at_index[index]
         if known != conf_state:
             self.fail(f"node {node.id} applied configuration {conf_state} at index {index}, another node {known}")
         if index <= node.conf_index:
@@ -700,7 +875,7 @@ class Simulation:
         self.conf_state = self.initial_conf_state  # the latest configuration applied anywhere
         self.conf_index = 0
         self.next_node_id = nodes + 1
-        self.nodes = {node_id: SimNode(node_id) for node_id in self.ids}
+        self.nodes = {node_id: SimNode(node_id, self.initial_conf_state) for node_id in self.ids}
         self.now = 0
         self.heap: list = []
         self.sequence = 0
@@ -713,7 +888,10 @@ class Simulation:
         self.counts = {"crashes": 0, "crashes_in_pass": 0, "restarts": 0, "partitions": 0, "pauses": 0,
                        "reads_served": 0, "writes_lost": 0, "members_added": 0, "members_promoted": 0,
                        "members_removed": 0, "transfers_started": 0, "timeout_now_sent": 0,
-                       "conf_changes_pending": 0}
+                       "conf_changes_pending": 0, "snapshots_taken": 0, "snapshots_sent": 0,
+                       "snapshot_transfers_failed": 0, "snapshots_installed": 0, "snapshots_refused": 0,
+                       "snapshot_restores": 0, "restarts_from_snapshot": 0, "installs_finished_at_restart": 0}
+        self.transfers = 0
         self.reads_pending: dict[int, int] = {}  # read id -> commit known when asked
         self.trace_lines: list[str] | None = [] if trace else None
         self.trace_hash = hashlib.blake2b(digest_size=16)
@@ -835,6 +1013,10 @@ class Simulation:
             self._restart_node(self.nodes[node_id])
         elif kind == "stop":
             self._stop_removed(self.nodes[node_id])
+        elif kind == "snapshot":
+            self._deliver_snapshot(payload)
+        elif kind == "snapshot_end":
+            self._snapshot_transfer_ended(node_id, *payload)
         else:
             raise AssertionError(kind)
 
@@ -846,12 +1028,13 @@ class Simulation:
 
     def _start_node(self, node: SimNode) -> None:
         knobs = self.knobs
+        self._finish_interrupted_install(node)
+        # The core starts at the snapshot marker: its configuration, applied there.
         config = Config(id=node.id, election_ticks=ELECTION_TICKS, heartbeat_ticks=1,
                         max_inflight_appends=knobs.max_inflight_appends,
                         max_append_entries_bytes=knobs.max_append_entries_bytes, max_request_bytes=1024,
-                        pre_vote=knobs.pre_vote, check_quorum=knobs.check_quorum)
-        storage = node.disk.storage(self.initial_conf_state)
-        node.raw = RawNode(config, storage, random.Random(self.rng.getrandbits(64)))
+                        pre_vote=knobs.pre_vote, check_quorum=knobs.check_quorum, applied=node.disk.marker.index)
+        node.raw = RawNode(config, node.disk.storage(), random.Random(self.rng.getrandbits(64)))
         node.up = True
         node.incarnation += 1
         node.inbox = []
@@ -860,9 +1043,25 @@ class Simulation:
         node.commit_seen = node.raw.raft.log.committed
         node.commit_checked = 0
         node.leader_checked = False
-        node.conf_index = 0
+        node.conf_index = node.disk.marker.index
         node.commit_quorum_term = 0
+        node.applied_seen = node.raw.raft.log.applied
+        node.snapshots_out = {}
 
+    def _finish_interrupted_install(self, node: SimNode) -> None:
+        """A store ahead of the log (a snapshot installed, then a crash before
+        the reset was durable) gets the reset it missed (as the actor's
+        finish_interrupted_install: unless the log holds the store's last entry)."""
+        disk, applied = node.disk, node.store_applied
+        if applied == 0 or applied < disk.marker.index or (disk.entries and applied < disk.first) \
+                or disk.term(applied) == node.store_term:
+            return
+        hard = disk.hard_state
+        term = max(hard.term, node.store_term)
+        disk.reset_to_snapshot(SnapshotMeta(applied, node.store_term, node.store_conf),
+                               HardState(term, hard.vote if term == hard.term else 0, applied))
+        self.counts["installs_finished_at_restart"] += 1
+        self._trace(f"{self.now} finish install {node.id} {applied}")
     def _crash(self, node: SimNode, where: str) -> None:
         self._trace(f"{self.now} crash {node.id} {where}")
         self.counts["crashes"] += 1
@@ -879,6 +1078,7 @@ class Simulation:
             return
         self._start_node(node)
         self.counts["restarts"] += 1
+        self.counts["restarts_from_snapshot"] += node.disk.marker.index > 0
         self._trace(f"{self.now} restart {node.id} {node.raw.raft.term} {node.raw.raft.log.committed}")
         self.checker.on_restart(node)
         self.checker.check_node(node)
@@ -923,6 +1123,7 @@ class Simulation:
         self._trace(f"{self.now} pass {node.id} {len(inbox)} {raw.raft.term} {raw.raft.role} "
                     f"{raw.raft.log.committed} {raw.raft.log.last_index()}")
         self.checker.check_node(node)
+        self._maybe_snapshot(node)  # (after the check: the checker knows what it committed)
 
     def _local_request(self, node: SimNode, item: tuple) -> None:
         kind, value = item
@@ -932,6 +1133,10 @@ class Simulation:
             elif kind == "read":
                 node.raw.read_index(value)
                 self.reads_pending.setdefault(value[1], self.max_commit())
+            elif kind == "snapshot":
+                self._receive_snapshot(node, value)
+            elif kind == "snapshot_report":
+                node.raw.report_snapshot(*value)
             elif kind == "conf_change":
                 if node.raw.raft.role == ROLE_LEADER and (node.raw.raft.pending_conf_index > node.raw.raft.log.applied
                                                           or node.raw.raft.unapplied_conf_indexes):
@@ -949,19 +1154,25 @@ class Simulation:
         """One Ready, in the contract's order. Returns False if the node crashed."""
         raw, disk = node.raw, node.disk
         ready = raw.ready()
+        if ready.snapshot is not None:  # before anything else of the Ready
+            disk.write(("reset", ready.snapshot, ready.hard_state or raw.raft.hard_state()))
         if ready.entries:
             self.checker.on_persist(node, ready.entries)
             disk.write(("entries", tuple(ready.entries)))
         if ready.hard_state is not None:
             disk.write(("hard", ready.hard_state))
-        if node.crash_in_pass == "before_sync" and (ready.entries or ready.hard_state is not None):
+        if node.crash_in_pass == "before_sync" and (ready.entries or ready.hard_state is not None
+                                                    or ready.snapshot is not None):
             self._crash(node, "between write and fsync")
             return False
         if ready.must_sync():
             disk.sync()
         for message in ready.messages:
             self.checker.on_send(node, message)
-            self._send(message)
+            if isinstance(message, MsgSnap):
+                self._send_snapshot(node, message)
+            else:
+                self._send(message)
         if node.crash_in_pass == "before_apply" and ready.committed_entries:
             self._crash(node, "between send and apply")
             return False
@@ -978,8 +1189,8 @@ class Simulation:
 
     def _apply_conf_changes(self, node: SimNode, entries: list[Entry]) -> None:
         """The actor's part: every committed change goes to the core in order,
-        also those the store applied before a restart (the core starts from the
-        initial configuration)."""
+        also those the store applied before a restart (the core starts from its
+        snapshot marker's configuration)."""
         for entry in entries:
             if entry.type != ENTRY_CONF_CHANGE:
                 continue
@@ -997,7 +1208,7 @@ class Simulation:
         self._trace(f"{self.now} configuration {index} {change.kind} {change.node_id} {conf_state}")
         if change.kind in ("add_voter", "add_learner"):
             self.counts["members_added"] += 1
-            node = SimNode(change.node_id)
+            node = SimNode(change.node_id, self.initial_conf_state)
             self.nodes[node.id] = node
             self.ids.append(node.id)  # ids only grow: still sorted
             self._boot(node)
@@ -1027,7 +1238,6 @@ class Simulation:
             if entry.type == ENTRY_NORMAL:
                 gateway, items = ormsgpack.unpackb(entry.data)
                 requests = [((gateway, request_id), op, body) for request_id, op, body in items]
-            # Hook: an ENTRY_CONF_CHANGE would change the configuration here.
             batch.append((entry.index, entry.term, requests))
         # One store transaction per batch, cut at every HASH_EVERY-th index so
         # all nodes' stores are hashed at the same indexes, whatever their batching.
@@ -1037,18 +1247,129 @@ class Simulation:
             part, batch = batch[:cut], batch[cut:]
             writer = node.writer()
             results = writer.apply(part)
-            node.store_applied = part[-1][0]
             last = part[-1][0]
+            part_entries = fresh[part[0][0] - fresh[0].index:last - fresh[0].index + 1]
+            # The same transaction: the member table (conf changes) and the
+            # digest of the applied entries.
+            for entry in part_entries:
+                if entry.type == ENTRY_CONF_CHANGE:
+                    node.store_conf = changed_conf_state(node.store_conf,
+                                                         ConfChange.from_wire(ormsgpack.unpackb(entry.data)))
+                node.store_digest = chain_digest(node.store_digest, entry)
+            node.store_applied, node.store_term = last, part[-1][1]
             kv_hash = writer.hash_kv(0)["hash"] if last % HASH_EVERY == 0 else None
-            self.checker.on_apply(node, fresh[part[0][0] - fresh[0].index:last - fresh[0].index + 1],
-                                  writer.revision, kv_hash, results)
+            self.checker.on_apply(node, part_entries, writer.revision, kv_hash, results)
+
+    # ---- snapshots -------------------------------------------------------------------------
+
+    def _maybe_snapshot(self, node: SimNode) -> None:
+        """The actor's maybe_snapshot: a marker at the applied index every
+        `snapshot_entries` entries (synced), then compaction to
+        `catchup_entries` before it, on the disk and in the core's storage."""
+        raw, disk, knobs = node.raw, node.disk, self.knobs
+        index = min(node.store_applied, raw.raft.log.applied)
+        if index - disk.marker.index < knobs.snapshot_entries:
+            return
+        term = raw.raft.log.term(index)
+        assert term is not None, (index, raw.status())
+        try:
+            conf_state = raw.conf_state_at(index)
+        except (Compacted, Unavailable):
+            conf_state = raw.conf_state()
+        marker = SnapshotMeta(index, term, conf_state)
+        self.checker.on_marker(node, marker)
+        disk.write(("marker", marker))
+        disk.sync()
+        raw.storage.set_snapshot(marker)
+        release_index = index - knobs.catchup_entries
+        if release_index > raw.storage.first_index():
+            disk.release(release_index)
+            raw.storage.compact(min(release_index - 1, raw.raft.log.applied))
+        self.counts["snapshots_taken"] += 1
+        self._trace(f"{self.now} snapshot {node.id} {index} {term} first {raw.storage.first_index()}")
+
+    def _send_snapshot(self, node: SimNode, message: MsgSnap) -> None:
+        """The leader's store, copied now, streamed to the follower with the
+        MsgSnap; the transfer ends (reported to the core) when the follower's
+        result comes back, or fails after a stall."""
+        knobs, rng = self.knobs, self.rng
+        self.counts["snapshots_sent"] += 1
+        self.transfers += 1
+        data = SnapshotData(node.store_applied, node.store_term, node.store_conf, node.store_digest,
+                            copy_backend(node.backend))
+        transfer = SnapshotTransfer(message, data, self.transfers, node.incarnation)
+        node.snapshots_out[message.to] = transfer.transfer_id
+        self._trace(f"{self.now} send snapshot {message.sender}>{message.to} {data.index} #{transfer.transfer_id}")
+        delay = rng.randint(1, SNAPSHOT_DELAY_UNITS_MAX)
+        self._schedule(delay + TICK_UNITS * rng.randint(1, SNAPSHOT_STALL_TICKS_MAX), "snapshot_end", node.id,
+                       (transfer, False))
+        if (message.sender, message.to) in self.blocked or (knobs.drop and rng.random() < knobs.drop):
+            return  # lost: the stall ends it
+        copies = 2 if knobs.duplicate and rng.random() < knobs.duplicate else 1
+        for copy in range(copies):
+            if copy or (knobs.long_delay and rng.random() < knobs.long_delay):
+                delay += rng.randint(TICK_UNITS, 20 * TICK_UNITS)  # late and stale
+            self._schedule(delay, "snapshot", message.to, transfer)
+
+    def _deliver_snapshot(self, transfer: SnapshotTransfer) -> None:
+        message = transfer.message
+        node = self.nodes.get(message.to)
+        if node is None or (message.sender, message.to) in self.blocked or not node.up:
+            return
+        self._trace(f"{self.now} deliver snapshot {message.sender}>{message.to} #{transfer.transfer_id}")
+        node.inbox.append(("snapshot", transfer))
+        self._wake(node)
+
+    def _receive_snapshot(self, node: SimNode, transfer: SnapshotTransfer) -> None:
+        """The follower's side: the applier installs the copy if it is ahead of
+        the store, then the MsgSnap, rewritten to describe the copy, is
+        stepped into the core (also when the store already holds it:
+        STEP_SNAPSHOTS_THE_STORE_HOLDS). The result goes back to the leader."""
+        data, raw = transfer.data, node.raw
+        installed = data.index > node.store_applied
+        if installed:
+            backend = copy_backend(data.backend)
+            writer = MvccWriter(backend, _ENCODING, member_id=node.id)
+            self.checker.on_install(node, data, writer.hash_kv(0)["hash"], writer.revision)
+            node.backend = backend
+            node.store_applied, node.store_term = data.index, data.term
+            node.store_conf, node.store_digest = data.conf_state, data.digest
+            self.counts["snapshots_installed"] += 1
+            if (self.knobs.crash_weight and not self.healed and node.crash_in_pass is None
+                    and self.rng.random() < 0.25):
+                node.crash_in_pass = "before_sync"  # between the install and the persisted log reset
+        else:
+            self.counts["snapshots_refused"] += 1
+        stepped = installed or STEP_SNAPSHOTS_THE_STORE_HOLDS
+        if stepped:
+            snapshot = SnapshotMeta(data.index, data.term, data.conf_state)
+            raw.step(dataclasses.replace(transfer.message, snapshot=snapshot))
+            if raw.raft.log.unstable.snapshot == snapshot:
+                self.counts["snapshot_restores"] += 1
+                self.checker.on_restore(node, snapshot)
+        self._trace(f"{self.now} install snapshot {node.id} {data.index} {installed} {node.store_applied}")
+        link = (node.id, transfer.message.sender)
+        if link not in self.blocked and not (self.knobs.drop and self.rng.random() < self.knobs.drop):
+            self._schedule(self.rng.randint(1, 20), "snapshot_end", transfer.message.sender,
+                           (transfer, stepped))
+
+    def _snapshot_transfer_ended(self, node_id: int, transfer: SnapshotTransfer, installed: bool) -> None:
+        """The follower's result, or the stall timeout: whichever comes first
+        ends the transfer and is reported to the leader's core."""
+        node = self.nodes[node_id]
+        peer = transfer.message.to
+        if not node.up or node.incarnation != transfer.sender_incarnation \
+                or node.snapshots_out.get(peer) != transfer.transfer_id:
+            return
+        del node.snapshots_out[peer]
+        self.counts["snapshot_transfers_failed"] += not installed
+        node.inbox.append(("snapshot_report", (peer, not installed)))
+        self._wake(node)
 
     # ---- the network ---------------------------------------------------------------------
 
     def _send(self, message) -> None:
         knobs, rng = self.knobs, self.rng
-        # Hook: snapshot transfer (copy the sender's store and log marker) goes here.
-        assert not isinstance(message, MsgSnap), "the core sent MsgSnap: simulate snapshot transfer first"
         self.counts["timeout_now_sent"] += isinstance(message, MsgTimeoutNow)
         link = (message.sender, message.to)
         if link in self.blocked:
