@@ -34,6 +34,8 @@ class Model:
         # As etcd, an empty store is at revision 1: history[0] and history[1] are empty.
         self.history: list[dict[bytes, dict]] = [{}, {}]
         self.compact_revision = 0
+        # etcd's compact revision starts at -1: a never-compacted store takes compaction 0 once.
+        self.compacted_ever = False
         self.leases: dict[int, int] = {}
         self.alarms: list[list[int]] = []
         self.member_id = member_id
@@ -230,11 +232,12 @@ class Model:
         return {"header": {"revision": 0}, "succeeded": ok, "responses": responses}
 
     def apply_compaction(self, body: dict) -> dict:
-        if body["revision"] <= self.compact_revision:
+        if body["revision"] <= self.compact_revision and self.compacted_ever:
             raise QuorumError("Compacted")
         if body["revision"] > self.revision:
             raise QuorumError("FutureRev")
         self.compact_revision = body["revision"]
+        self.compacted_ever = True
         return {"header": {"revision": self.revision}}
 
     def apply_alarm(self, body: dict) -> dict:

@@ -22,9 +22,9 @@ import subprocess
 
 import pytest
 
-from tests.cluster_harness import Cluster, pick_ports
+from tests.cluster_harness import pick_ports
 from tests.conftest import Node
-from tests.test_cluster_membership import derived_zmq_ports, members_published, new_member, wait_until
+from tests.test_cluster_membership import cluster, members_published, new_member, wait_until  # noqa: F401 (cluster: a fixture)
 from tests.test_etcdctl import ETCDCTL, ctl_in_process
 
 pytestmark = pytest.mark.skipif(ETCDCTL is None, reason="etcdctl not installed (tools/test.sh installs etcd-client)")
@@ -75,15 +75,6 @@ def same_once_settled(node: Node, *args: str) -> str:
 
 def table_rows(table: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("|")]
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    with Cluster(str(tmp_path), 3) as running:
-        derived_zmq_ports(running)
-        running.start()
-        wait_until(lambda: members_published(running, "n1"), "every member published its name and client URLs")
-        yield running
 
 
 def test_membership_and_cluster_endpoints_print_what_quorumctl_prints(cluster):
