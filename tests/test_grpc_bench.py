@@ -129,9 +129,6 @@ def test_node_every_op(node):
 
 def test_node_watch_fan_out(node):
     """Goal: every event due reaches its watcher. Method: 12 watchers on 3 keys over 4 streams, 1 s of puts."""
-    from actors import grpc_front
-    if not hasattr(grpc_front, "WatchService"):
-        pytest.skip("quorumkv has no gRPC Watch yet")
     report = run_bench(f"127.0.0.1:{node.client_port}", "--op", "watch", "--watchers", "12", "--streams", "4",
                        "--key-space", "3", "--write-rate", "40", "--duration", "1", "--watch-drain-s", "30")
     assert report["puts"] > 0 and report["put_errors"] == 0
