@@ -58,10 +58,83 @@ def process_cmdline(pid: int) -> list[str]:
         return [part.decode() for part in handle.read().split(b"\0") if part]
 
 
-class Node:
+class ProcessGroup:
+    """A server process in its own session (process group), its output in a log
+    file: started, waited for (`wait_ready`, per subclass), stopped or killed
+    group and all. Subclasses give `argv()` and `wait_ready()`."""
+
+    log_path: str
+    cwd: str | None = None
+    env: dict | None = None
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def start(self, wait: bool = True):
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.argv(), cwd=self.cwd, env=self.env, stdout=log, stderr=log,
+                                        start_new_session=True)
+        log.close()
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()  # never leave a half-started group behind
+                raise
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL of the whole group if it does not stop."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_group()
+        returncode = self.process.returncode
+        self.process = None
+        return returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once."""
+        if self.process is not None:
+            self._kill_group()
+        self.process = None
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class Node(ProcessGroup):
     """A quorumkv node (supervisor + actors) started as a user would."""
 
+    cwd = REPO
+
     def __init__(self, data_dir: str, log_path: str, gateways: int = 2, extra_args: tuple = ()):
+        super().__init__()
         self.data_dir = data_dir
         self.log_path = log_path
         self.client_port = free_port()
@@ -75,20 +148,9 @@ class Node:
             "--gateways", str(gateways),
             *extra_args,
         ]
-        self.process: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> "Node":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "actors.server", *self.args],
-                                        cwd=REPO, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        if wait:
-            try:
-                self.wait_ready()
-            except BaseException:
-                self.kill()  # never leave a half-started group behind
-                raise
-        return self
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "actors.server", *self.args]
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until a linearizable read answers (raft log, applier and a gateway all up)."""
@@ -100,13 +162,6 @@ class Node:
             if answer is not None and answer[0] == codec.STATUS_OK:
                 return
         raise TimeoutError(f"node not ready in {timeout_s}s; log: {self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-                return "".join(handle.readlines()[-lines:])
-        except FileNotFoundError:
-            return ""
 
     def actor_pids(self) -> dict[str, int]:
         """role name (raft_log, applier, gateway-0, ...) -> pid."""
@@ -131,37 +186,6 @@ class Node:
         from protocol.client import Client
 
         return Client(endpoints=[self.zmq_endpoint], **kwargs)
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL of the whole group if it does not stop."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill_group()
-        returncode = self.process.returncode
-        self.process = None
-        return returncode
-
-    def kill(self) -> None:
-        """SIGKILL the whole node, supervisor and actors at once."""
-        if self.process is not None:
-            self._kill_group()
-        self.process = None
-
-    def _kill_group(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @pytest.fixture

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import time
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import ProcessGroup, free_port
 
 ETCD = shutil.which("etcd")
 READY_TIMEOUT_S = 60  # a loaded 2-core machine can take long
-STOP_TIMEOUT_S = 15
 PROBE_TIMEOUT_S = 1.0
 
 
@@ -36,10 +33,11 @@ def require_etcd() -> str:
     return ETCD
 
 
-class EtcdServer:
+class EtcdServer(ProcessGroup):
     """One real etcd member, started as a test would start a quorumkv node."""
 
     def __init__(self, tmp_dir: str, name: str = "etcd", extra_args: tuple = ()):
+        super().__init__()
         self.name = name
         self.data_dir = os.path.join(tmp_dir, f"{name}.etcd")
         self.log_path = os.path.join(tmp_dir, f"{name}.log")
@@ -60,26 +58,16 @@ class EtcdServer:
             "--logger", "zap",
             *extra_args,
         ]
-        self.process: subprocess.Popen | None = None
+        # ETCD_* variables from the caller's environment would override nothing
+        # given as a flag but could add flags of their own: leave them out.
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("ETCD_")}
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
-    def start(self) -> "EtcdServer":
-        log = open(self.log_path, "ab")
-        # ETCD_* variables from the caller's environment would override nothing
-        # given as a flag but could add flags of their own: leave them out.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("ETCD_")}
-        self.process = subprocess.Popen([require_etcd(), *self.args], stdout=log, stderr=log,
-                                        env=env, start_new_session=True)
-        log.close()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()  # never leave a half-started server behind
-            raise
-        return self
+    def argv(self) -> list[str]:
+        return [require_etcd(), *self.args]
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until a linearizable Range answers (a leader is elected and serving)."""
@@ -100,33 +88,6 @@ class EtcdServer:
                 except grpc.RpcError:
                     continue  # not listening or no leader yet; bounded by the deadline
         raise TimeoutError(f"etcd not ready in {timeout_s}s; log: {self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-                return "".join(handle.readlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL of the group if it does not stop."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-        self.process = None
 
 
 @pytest.fixture
