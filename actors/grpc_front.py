@@ -58,7 +58,7 @@ import grpc
 import zmq
 
 from actors.config import parse_url
-from actors.grpc_messages import abort, to_body, to_message
+from actors.grpc_messages import abort, core_request, etcd_answer, to_message
 from actors.grpc_recipes import RECIPE_WAITS_MAX, ElectionService, LockService, RecipeHandlers
 from actors.grpc_watch import WATCH_STREAMS_MAX, WatchService
 from actors.snapshot_file import SnapshotFile
@@ -315,8 +315,8 @@ class _CoreCalls:
         self.front = front
 
     def _unary(self, op: str, request, response_class, context):
-        body = self.front.call(op, to_body(request), request.ByteSize(), context)
-        return to_message(response_class, body)
+        body = self.front.call(op, core_request(op, request), request.ByteSize(), context)
+        return to_message(response_class, etcd_answer(op, body))
 
 
 class KVService(_CoreCalls, pb_grpc.KVServicer):
@@ -363,16 +363,10 @@ class MaintenanceService(_CoreCalls, pb_grpc.MaintenanceServicer):
         return self._unary("hash_kv", request, pb.HashKVResponse, context)
 
     def Defragment(self, request, context):
-        self.front.call("defragment", {}, 0, context)
-        return pb.DefragmentResponse()  # etcd's carries no header
+        return self._unary("defragment", request, pb.DefragmentResponse, context)
 
     def Alarm(self, request, context):
-        body = to_body(request)
-        if "memberID" in body:
-            body["member_id"] = body.pop("memberID")
-        answer = self.front.call("alarm", body, 0, context)
-        answer.pop("header", None)  # etcd's carries no header
-        return to_message(pb.AlarmResponse, answer)
+        return self._unary("alarm", request, pb.AlarmResponse, context)
 
     def Hash(self, request, context):
         return self._unary("hash", request, pb.HashResponse, context)

@@ -5,6 +5,8 @@ etcd's camelCase ones such as `dbSize`, also accepted in snake_case), so a
 request is copied field by field into a dict (`to_body`, leaving unset fields
 to the schema's defaults) and a response dict into its message
 (`to_message`, skipping quorumkv's own extra fields and absent messages).
+The few ops whose etcd message differs from our dict beyond that go through
+`core_request` / `etcd_answer`, which both front ends (gRPC, JSON) call.
 Errors become etcd's gRPC status code and message (`abort`).
 """
 
@@ -29,6 +31,25 @@ def to_body(message) -> dict:
             value = list(value)
         body[field.name] = value
     return body
+
+
+# etcd 3.4's AlarmResponse and DefragmentResponse carry no header.
+HEADERLESS_OPS = frozenset({"alarm", "defragment"})
+
+
+def core_request(op: str, message) -> dict:
+    """The core's request dict for op from etcd's request message."""
+    body = to_body(message)
+    if op == "alarm" and "memberID" in body:
+        body["member_id"] = body.pop("memberID")  # AlarmRequest's memberID; our alarm op's member_id
+    return body
+
+
+def etcd_answer(op: str, answer: dict) -> dict:
+    """The core's answer to op as etcd's response message has it."""
+    if op in HEADERLESS_OPS:
+        return {key: value for key, value in answer.items() if key != "header"}
+    return answer
 
 
 _FIELD_MAPS: dict = {}

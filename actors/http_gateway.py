@@ -45,7 +45,8 @@ from google.protobuf import json_format
 
 from actors.config import parse_url
 from actors.gateway_core import SERVER_VERSION
-from actors.grpc_front import GRPC_OVERHEAD_BYTES, to_body, to_message
+from actors.grpc_front import GRPC_OVERHEAD_BYTES
+from actors.grpc_messages import core_request, etcd_answer, to_body, to_message
 from protocol import errors
 from protocol.client import CompactedError
 from protocol.codec import STATUS_ERROR, STATUS_PARTIAL
@@ -86,8 +87,6 @@ AUTH_NOT_ENABLED = (errors.FAILED_PRECONDITION, "etcdserver: authentication is n
 
 # path -> (core op, etcd request message, etcd response message, stream?)
 UNARY, STREAM = False, True
-# etcd 3.4's AlarmResponse and DefragmentResponse carry no header (as the gRPC front's).
-HEADERLESS_OPS = frozenset({"alarm", "defragment"})
 ROUTES = {
     "/v3/kv/range": ("range", pb.RangeRequest, pb.RangeResponse, UNARY),
     "/v3/kv/put": ("put", pb.PutRequest, pb.PutResponse, UNARY),
@@ -190,13 +189,6 @@ def known_fields(value: dict, descriptor) -> dict:
                 item = known_fields(item, field.message_type)
         kept[name] = item
     return kept
-
-
-def request_body(op: str, message) -> dict:
-    body = to_body(message)
-    if op == "alarm" and "memberID" in body:
-        body["member_id"] = body.pop("memberID")
-    return body
 
 
 class Deadline:
@@ -454,15 +446,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if len(values) > 1:
                 raise RequestError(errors.INVALID_ARGUMENT, "malformed JSON body: more than one object")
             message = to_request(request_class, values[0])
-            answer = self.front.call(op, request_body(op, message), message.ByteSize())
-            if op in HEADERLESS_OPS:
-                answer = {key: value for key, value in answer.items() if key != "header"}
-            self._send(200, to_json(to_message(response_class, answer)))
+            answer = self.front.call(op, core_request(op, message), message.ByteSize())
+            self._send(200, to_json(to_message(response_class, etcd_answer(op, answer))))
             return
         messages = [to_request(request_class, value) for value in values]
         for message in messages:
             try:
-                answer = self.front.call(op, request_body(op, message), message.ByteSize())
+                answer = self.front.call(op, core_request(op, message), message.ByteSize())
             except QuorumError as error:
                 if not self.stream_started:
                     raise  # nothing sent yet: a plain error answer
