@@ -3,13 +3,14 @@
 A thin loop around `MvccStore.apply`. At start it asks the raft log for
 every committed entry after the store's applied index (SUBSCRIBE), so a
 restart re-applies exactly what is missing: the applied index is written
-in the same LMDB transaction as the changes. Every ENTRIES message is
-applied in one LMDB transaction; the results go back to the gateways that
-proposed them, one RESULTS message per gateway (only for entries proposed
-through this member: every member applies every entry, and an entry names
-the member it was proposed through); then every gateway hears
-how far the store got (APPLIED), and the raft log gets its acknowledgement
-(flow control and WAL release).
+in the same LMDB transaction as the changes. The ENTRIES messages of one
+loop pass are applied in one LMDB transaction; the results go back to the
+gateways that proposed them, one RESULTS message per gateway (only for
+entries proposed through this member: every member applies every entry,
+and an entry names the member it was proposed through); then the gateways
+and the watch broadcaster that asked for it (HELLO) hear how far the store
+got (APPLIED), and the raft log gets its acknowledgement (flow control and
+WAL release).
 
 A store copy received from the leader (a follower too far behind) arrives
 as INSTALL_SNAPSHOT once verified: the applier, between batches (so no
@@ -52,6 +53,8 @@ COMPACTION_STEP_MS = 10
 # How often messages a gateway's full queue refused are offered again.
 OUTBOX_RETRY_MS = 10
 RESUBSCRIBE_MS = 1000
+# At most this long between applying an ENTRIES message and acknowledging it.
+ACKNOWLEDGE_DELAY_MS = 2
 # At start, how long to wait for every gateway's HELLO before asking for
 # entries anyway: results for a gateway not yet connected would be lost.
 GATEWAY_WAIT_MS = 2000
@@ -82,6 +85,9 @@ class GatewayOutbox:
             if message[0] == ipc.RESULTS:
                 self._count_results(gateway, len(message[1]))
         self._flush_one(gateway)
+
+    def holding(self) -> bool:
+        return bool(self.held or self.held_applied)
 
     def held_count(self) -> int:
         return sum(len(held) for held in self.held.values()) + len(self.held_applied)
@@ -145,6 +151,8 @@ class Applier:
         self.cluster_id = config.cluster_id()
         self.gateway_identities = [ipc.gateway_identity(i) for i in range(config.gateway_count())]
         self.store = open_writer(config)
+        # The writer's own view of the store (no read transaction per batch).
+        self.applied_index, self.revision = self.store.applied_index(), self.store.revision()
         stored_members = self.store.member_table()
         self.members = MemberTable.from_wire(stored_members) if stored_members else initial_table(config)
         self.context = zmq.Context()
@@ -163,13 +171,26 @@ class Applier:
         # Physical compactions waiting for their steps: (gateway, request id, body).
         self.physical_compactions: list[tuple[bytes, object, dict]] = []
         self.idle_periods = 0
+        # ENTRIES messages applied and not yet acknowledged. The raft log may have
+        # max_apply_inflight_batches unacknowledged, so acknowledging every
+        # second one (or within ACKNOWLEDGE_DELAY_MS) never stalls its delivery,
+        # and costs it half the wake-ups.
+        self.unacknowledged_messages = 0
+        self.acknowledge_every_messages = max(1, self.limits.max_apply_inflight_batches // 2)
         self.gateways_heard: set[bytes] = set()
+        # Who wants an APPLIED after every batch (their HELLOs say): gateways
+        # with reads or leader-change cuts waiting, the watch broadcaster while
+        # it has client streams. Everyone hears of a new store generation.
+        self.gateways_wanting_applied = set(self.gateway_identities)
+        self.broadcaster_interested = True
+        # A compaction's physical steps may be under way (also one a restart interrupted).
+        self.compacting = True
         self.subscribed = False
         self.handlers = {ipc.ENTRIES: self._on_entries, ipc.INSTALL_SNAPSHOT: self._on_install_snapshot}
 
     def subscribe(self) -> None:
         self.subscribed = True
-        self.raft.send(codec.pack([ipc.SUBSCRIBE, self.store.applied_index()]))
+        self.raft.send(codec.pack([ipc.SUBSCRIBE, self.applied_index]))
 
     def resubscribe_if_idle(self) -> None:
         # A restarted raft log has forgotten us; asking again is harmless
@@ -186,19 +207,32 @@ class Applier:
 
     def on_raft(self, batch: list) -> None:
         self.idle_periods = 0
+        # Consecutive ENTRIES messages are applied together: one transaction,
+        # one fsync and one round of answers for all of them (the raft log's
+        # window bounds how many can be waiting).
+        waiting_entries: list = []
         for frame in batch:
             try:
                 message = codec.unpack(frame)
                 handler = self.handlers[message[0]]
+                if message[0] == ipc.ENTRIES:
+                    waiting_entries.extend(message[1])
+                    self.unacknowledged_messages += 1
+                    continue
             except (QuorumError, KeyError, TypeError, IndexError):
                 self.log.warning("malformed message from raft log dropped")
                 continue
+            if waiting_entries:
+                self._on_entries([ipc.ENTRIES, waiting_entries])
+                waiting_entries = []
             handler(message)
+        if waiting_entries:
+            self._on_entries([ipc.ENTRIES, waiting_entries])
 
     def _on_entries(self, message: list) -> None:
         entries = []
         physical = set()
-        applied = self.store.applied_index()
+        applied = self.applied_index
         for index, term, entry_type, data in message[1]:
             if index <= applied:
                 continue  # a redelivery after a resubscribe
@@ -209,7 +243,11 @@ class Applier:
                 if member_id != self.member_id:
                     gateway = None  # proposed through another member: its applier answers
                 requests = [((gateway, request_id), op, body) for request_id, op, body in items]
-                physical.update(tag for tag, op, body in requests if op == "compaction" and body["physical"])
+                for tag, op, body in requests:
+                    if op == "compaction":
+                        self.compacting = True  # its physical steps run between batches
+                        if body["physical"]:
+                            physical.add(tag)
             elif entry_type == ipc.ENTRY_CONF_CHANGE:
                 requests = self._member_table_write(index, data)
             entries.append((index, term, requests))
@@ -217,18 +255,25 @@ class Applier:
             return
         results = self.store.apply(entries)
         term = entries[-1][1]
-        applied_index = self.store.applied_index()
+        applied_index = self.applied_index = entries[-1][0]
+        self.revision = self.store.written_revision
         # The raft log hears of lease changes before any client hears of its
         # grant, so a keep-alive right after a grant finds the lease.
         lease_changes = _lease_changes(entries, results)
-        report = [ipc.APPLIED, applied_index, applied_index]
-        self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
+        if lease_changes or self.unacknowledged_messages >= self.acknowledge_every_messages:
+            self.acknowledge(lease_changes)
         self._send_results(results, term, physical)
         self._broadcast_applied()
 
+    def acknowledge(self, lease_changes: list | None = None) -> None:
+        """APPLIED to the raft log: frees its delivery window (and reports lease changes)."""
+        self.unacknowledged_messages = 0
+        report = [ipc.APPLIED, self.applied_index, self.applied_index]
+        self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
+
     def _on_install_snapshot(self, message: list) -> None:
         _kind, path, applied_index = message
-        current = self.store.applied_index()
+        current = self.applied_index
         if applied_index <= current:
             self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False,
                                        f"{ipc.STORE_ALREADY_AHEAD}: applied index {current}"]))
@@ -239,17 +284,18 @@ class Applier:
             self.log.error("snapshot install failed", path=path, error=str(error)[:200])
             self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False, str(error)[:200]]))
             return
+        self.applied_index, self.revision = self.store.applied_index(), self.store.revision()
         # The snapshot carries the leader's member table as of its index.
         stored_members = self.store.member_table()
         if stored_members:
             self.members = MemberTable.from_wire(stored_members)
         self.log.info("snapshot installed", applied_index=applied_index, previous_applied_index=current,
-                      generation=generation, revision=self.store.revision())
+                      generation=generation, revision=self.revision)
         # Physical compactions waiting on the old store are moot: answer them.
         self._answer_physical_compactions()
         self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, True, generation]))
         self.subscribe()
-        self._broadcast_applied()
+        self._broadcast_applied(new_generation=True)
 
     def _member_table_write(self, index: int, data: bytes) -> list:
         """The store write of the member table a conf-change entry produces
@@ -290,15 +336,20 @@ class Applier:
     def _send(self, gateway: bytes, message: list) -> None:
         self.outbox.send(gateway, message)
 
-    def _broadcast_applied(self) -> None:
-        message = [ipc.APPLIED, self.store.applied_index(), self.store.revision(), self.store.generation]
-        for gateway in self.gateway_identities + [ipc.WATCH_BROADCASTER_IDENTITY]:
-            self._send(gateway, message)
+    def _broadcast_applied(self, new_generation: bool = False) -> None:
+        message = [ipc.APPLIED, self.applied_index, self.revision, self.store.generation]
+        for gateway in self.gateway_identities:
+            if new_generation or gateway in self.gateways_wanting_applied:
+                self._send(gateway, message)
+        if new_generation or self.broadcaster_interested:
+            self._send(ipc.WATCH_BROADCASTER_IDENTITY, message)
 
     # ---- compaction and defragment ------------------------------------------
 
     def compaction_step(self) -> None:
-        if self.store.compaction_pending() and self.store.compact_step():
+        if not self.store.compaction_pending():
+            self.compacting = False
+        elif self.store.compact_step():
             self._answer_physical_compactions()
 
     def _answer_physical_compactions(self) -> None:
@@ -320,8 +371,14 @@ class Applier:
                 continue
             if kind == ipc.HELLO:
                 self.gateways_heard.add(gateway)
-                self._send(gateway, [ipc.APPLIED, self.store.applied_index(), self.store.revision(),
-                                     self.store.generation])
+                wants_applied = len(message) < 2 or message[1] is not False
+                if gateway == ipc.WATCH_BROADCASTER_IDENTITY:
+                    self.broadcaster_interested = wants_applied
+                elif wants_applied:
+                    self.gateways_wanting_applied.add(gateway)
+                else:
+                    self.gateways_wanting_applied.discard(gateway)
+                self._send(gateway, [ipc.APPLIED, self.applied_index, self.revision, self.store.generation])
             elif kind == ipc.DEFRAGMENT and len(message) == 2:
                 defragments.append((gateway, message[1]))
         if defragments:
@@ -341,7 +398,7 @@ class Applier:
             error = failure.to_wire()
         for gateway, defrag_id in requests:
             self._send(gateway, [ipc.DEFRAGMENT, defrag_id, error])
-        self._broadcast_applied()
+        self._broadcast_applied(new_generation=True)
 
     def close(self) -> None:
         self.store.close()
@@ -377,8 +434,9 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop = ActorLoop(log, applier.limits.max_messages_per_poll, parent_pid=os.getppid())
     loop.add_socket(applier.raft, applier.on_raft, multipart=False)
     loop.add_socket(applier.gateways, applier.on_gateways)
-    loop.add_timer(COMPACTION_STEP_MS, applier.compaction_step)
-    loop.add_timer(OUTBOX_RETRY_MS, applier.outbox.flush)
+    loop.add_timer(COMPACTION_STEP_MS, applier.compaction_step, active=lambda: applier.compacting)
+    loop.add_timer(OUTBOX_RETRY_MS, applier.outbox.flush, active=applier.outbox.holding)
+    loop.add_timer(ACKNOWLEDGE_DELAY_MS, applier.acknowledge, active=lambda: applier.unacknowledged_messages > 0)
     loop.add_timer(RESUBSCRIBE_MS, applier.resubscribe_if_idle)
     loop.add_timer(GATEWAY_WAIT_MS, lambda: applier.subscribed or applier.subscribe())
     log.info("applier started", applied_index=applier.store.applied_index(), revision=applier.store.revision())

@@ -99,6 +99,8 @@ class Gateway:
         # Results for our proposals come back over this link; proposing before
         # the applier has answered our HELLO could lose them (an unroutable reply).
         self.applier_linked = False
+        self.told_wants_applied = False
+        self.waited_since_hello = False
         self.say_hello()
         self.raft_handlers = {
             ipc.PROPOSE_FAILED: lambda m: self.core.on_propose_failed(m[1], m[2]),
@@ -167,8 +169,19 @@ class Gateway:
             self.flush()
 
     def say_hello(self) -> None:
-        # Repeated so a restarted applier learns of us.
-        self.applier.send(codec.pack([ipc.HELLO]))
+        # Repeated so a restarted applier learns of us. It also says whether
+        # we want an APPLIED after every batch: while reads or a leader-change
+        # cut wait here, and until a hello period has passed without any.
+        waits = self.core.waits_for_applied()
+        self.told_wants_applied = waits or self.waited_since_hello
+        self.waited_since_hello = waits
+        self.applier.send(codec.pack([ipc.HELLO, self.told_wants_applied]))
+
+    def _ask_for_applied_if_waiting(self) -> None:
+        if self.core.waits_for_applied():
+            self.waited_since_hello = True
+            if not self.told_wants_applied:
+                self.say_hello()  # answered with the latest APPLIED, then one a batch
 
     def flush(self) -> None:
         while self.applier_linked:
@@ -195,6 +208,7 @@ class Gateway:
         for identity, responses in self.outbox.items():
             self._send_to_client(identity, codec.encode_response_frame(responses))
         self.outbox.clear()
+        self._ask_for_applied_if_waiting()
 
     # ---- client frames ------------------------------------------------------
 
@@ -378,7 +392,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop.add_socket(gateway.raft, gateway.on_raft, multipart=False)
     loop.add_socket(gateway.applier, gateway.on_applier, multipart=False)
     loop.add_timer(RAFT_STATUS_REFRESH_MS, gateway.refresh_raft_status)
-    loop.add_timer(SNAPSHOT_PUMP_MS, gateway.pump_snapshots)
+    loop.add_timer(SNAPSHOT_PUMP_MS, gateway.pump_snapshots, active=lambda: bool(gateway.snapshots))
     loop.add_timer(APPLIER_HELLO_MS, gateway.say_hello)
     loop.add_timer(REQUEST_EXPIRY_MS, gateway.expire_unanswered)
     if index == 0 and gateway.auto_compactor.enabled:
@@ -386,7 +400,8 @@ def run(config: NodeConfig, index: int, log) -> None:
     # etcd's gRPC API on --listen-client-urls (every gateway, SO_REUSEPORT).
     gateway.grpc_front = GrpcFront(gateway, log)
     loop.add_socket(gateway.grpc_front.socket, gateway.grpc_front.on_requests, multipart=False)
-    loop.add_timer(SNAPSHOT_PUMP_MS, gateway.grpc_front.pump_snapshots)
+    loop.add_timer(SNAPSHOT_PUMP_MS, gateway.grpc_front.pump_snapshots,
+                   active=lambda: bool(gateway.grpc_front.snapshots))
     gateway.grpc_front.start()
     # etcd's JSON gateway on --listen-client-http-urls, through the gRPC front's channel.
     http_front = HttpFront(gateway.grpc_front, gateway, log) if config.listen_client_http_urls else None

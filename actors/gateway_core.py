@@ -73,7 +73,12 @@ class GatewayCore:
         self.raft_term = 0
         self.raft_status: dict = {}
         self.is_learner = False
+        # How far the applier's APPLIED reports got: they come after the RESULTS
+        # they cover, so leader-change cuts go by this one. Reads may also go
+        # by the store's own applied index (`store_applied_index`, read when a
+        # read index arrives): a read needs the data in the store, nothing more.
         self.applied_index = store.applied_index()
+        self.store_applied_index = self.applied_index
         # Writes: gw_request_id -> origin, and the proposals not yet sent.
         self.next_request_id = 1
         self.pending_writes: dict[int, object] = {}
@@ -307,6 +312,7 @@ class GatewayCore:
         if reads is None:
             return
         self.reads_at_index.append((index, reads))
+        self._catch_up_applied()
         self._serve_ready_reads()
 
     def on_read_index_failed(self, read_id: int, code: str) -> None:
@@ -320,6 +326,16 @@ class GatewayCore:
             self.applied_index = applied_index
         self._serve_ready_reads()
         self._fail_writes_lost_with_leader()
+
+    def waits_for_applied(self) -> bool:
+        """Whether reads or a leader-change cut wait for the applier: the actor
+        asks for its APPLIED reports only then (they cost a message a batch)."""
+        return bool(self.reads_at_index or self.leader_change_cuts)
+
+    def _catch_up_applied(self) -> None:
+        # Without APPLIED reports (none asked for) the index known here is
+        # stale; the store's own is current.
+        self.store_applied_index = self.store.applied_index()
 
     def on_leader_changed(self, term: int, leader: int, commit_index: int) -> None:
         """The raft log's term or leader changed. On a new term, or when this
@@ -349,7 +365,8 @@ class GatewayCore:
 
     def _serve_ready_reads(self) -> None:
         # Read rounds complete in order, so their indexes never decrease.
-        while self.reads_at_index and self.reads_at_index[0][0] <= self.applied_index:
+        applied_index = max(self.applied_index, self.store_applied_index)
+        while self.reads_at_index and self.reads_at_index[0][0] <= applied_index:
             _index, reads = self.reads_at_index.popleft()
             self.reads_held -= len(reads)
             for origin, op, body in reads:

@@ -87,14 +87,17 @@ raft log -> applier
       applier stores the member table it produces (actors.members).
 
 gateway -> applier
-  [HELLO]
+  [HELLO, wants_applied]       (answered with an APPLIED; with wants_applied false
+                                the gateway gets no APPLIED after each batch)
   [DEFRAGMENT, defrag_id]      (answered with [DEFRAGMENT, defrag_id, error_or_None])
+watch broadcaster -> applier
+  [HELLO, has_streams]         (with has_streams false the applier sends it no APPLIED)
 applier -> gateway
   [RESULTS, [[gw_request_id, status, body], ...]]   (status as protocol.codec)
   [APPLIED, applied_index, revision, store_generation]
-      Broadcast after every applied batch: reads waiting for a read index
-      may now be served; a new store generation means reopen the store
-      (after a defragment).
+      After every applied batch to those that want it (see HELLO): reads
+      waiting for a read index may now be served. A new store generation
+      (a defragment, an installed snapshot) goes to everyone: reopen the store.
 """
 
 from __future__ import annotations

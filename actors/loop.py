@@ -4,7 +4,10 @@ How this works: an actor registers sockets with a batch handler and timers
 with a period. Each pass polls (explicit POLLIN), then drains up to
 `max_messages_per_poll` messages from every readable socket and hands each
 socket's batch to its handler in one call (batching: Python pays per call),
-then runs the timers that are due. The loop is the one unbounded loop of an
+then runs the timers that are due. A timer for pending work (a pump, a
+retry, a delayed acknowledgement) has an `active` test and is left out while
+that is false, so an idle actor sleeps instead of waking every few
+milliseconds for nothing; it first fires a period after it became active. The loop is the one unbounded loop of an
 actor; it ends when `stop()` is called, on SIGTERM/SIGINT, or when the
 supervisor that started the actor is gone (so a SIGKILLed supervisor leaves
 no orphan serving stale data).
@@ -21,6 +24,7 @@ from typing import Callable
 import zmq
 
 PARENT_CHECK_INTERVAL_MS = 200
+_POLLIN = int(zmq.POLLIN)  # a plain int: enum.Flag's & runs in Python
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,7 +46,7 @@ class ActorLoop:
         self.poller = zmq.Poller()
         self.handlers: dict[zmq.Socket, Callable[[list], None]] = {}
         self.multipart: dict[zmq.Socket, bool] = {}
-        self.timers: list[list] = []  # [next_due_s, period_s, fn]
+        self.timers: list[list] = []  # [next_due_s, period_s, fn, active or None]
         self.running = False
         self.stop_reason = ""
         if parent_pid is not None:
@@ -54,9 +58,12 @@ class ActorLoop:
         self.handlers[socket] = handler
         self.multipart[socket] = multipart
 
-    def add_timer(self, period_ms: float, fn: Callable[[], None]) -> None:
+    def add_timer(self, period_ms: float, fn: Callable[[], None],
+                  active: Callable[[], bool] | None = None) -> None:
+        """`fn()` every `period_ms`; with `active`, only while `active()` is true
+        (a cheap test: it runs every pass)."""
         assert period_ms > 0
-        self.timers.append([time.monotonic() + period_ms / 1000, period_ms / 1000, fn])
+        self.timers.append([time.monotonic() + period_ms / 1000, period_ms / 1000, fn, active])
 
     def stop(self, reason: str = "requested") -> None:
         self.running = False
@@ -71,23 +78,30 @@ class ActorLoop:
         if not self.timers:
             return 1000
         now = time.monotonic()
-        due = min(timer[0] for timer in self.timers)
+        due = min((timer[0] for timer in self.timers if timer[3] is None or timer[3]()), default=now + 1.0)
         return max(0, int((due - now) * 1000) + 1)
 
     def _drain(self, socket: zmq.Socket) -> list:
         batch = []
         receive = socket.recv_multipart if self.multipart[socket] else socket.recv
-        for _ in range(self.max_messages_per_poll):
-            try:
+        try:
+            for _ in range(self.max_messages_per_poll):
                 batch.append(receive(zmq.NOBLOCK))
-            except zmq.Again:
-                break
+                # Asking whether more is queued is cheaper than the zmq.Again
+                # a receive from an empty socket raises.
+                if not socket.get(zmq.EVENTS) & _POLLIN:
+                    break
+        except zmq.Again:
+            pass  # the poll's readiness was stale
         return batch
 
     def _run_timers(self) -> None:
         now = time.monotonic()
         for timer in self.timers:
-            if timer[0] <= now:
+            if timer[3] is not None and not timer[3]():
+                # Inactive: once active it first fires a whole period later.
+                timer[0] = now + timer[1]
+            elif timer[0] <= now:
                 # Skip missed periods rather than firing a burst to catch up.
                 timer[0] = now + timer[1]
                 timer[2]()

@@ -1183,7 +1183,7 @@ def run(config: NodeConfig, index: int, log) -> None:
                  peers={f"{peer:x}": peers.names[peer] for peer in peers.peers})
         loop.add_socket(peers.router, actor.on_peer_batch, multipart=True)
         loop.add_timer(FAULTS_CHECK_MS, actor.on_peer_tick)
-        loop.add_timer(SNAPSHOT_POLL_MS, actor.on_snapshot_tick)
+        loop.add_timer(SNAPSHOT_POLL_MS, actor.on_snapshot_tick, active=lambda: actor.snapshots.busy())
 
     actor.on_transport_created = transport_up
     actor.stop_loop = loop.stop

@@ -6,7 +6,11 @@ to `<run dir>/watch.endpoint`; gateways announce it in `hello` as "watch"),
 opens the store read-only, and learns how far the store got from the
 applier's APPLIED broadcast (it connects a DEALER with the identity
 b"watch_broadcaster" to applier.sock and says HELLO every second), with a
-poll of the store's revision as a fallback. Each pass it lets the registry
+poll of the store's revision as a fallback. The HELLO says whether any
+client stream is open: with none, the applier sends it no APPLIED (a write
+then costs this actor nothing); the first stream's request reads the
+store's revision here and says HELLO at once, and the applier answers a
+HELLO with the latest APPLIED, so no revision is missed. Each pass it lets the registry
 do a bounded step of fan-out and catch-up, then sends every stream's
 responses as one frame.
 
@@ -75,6 +79,7 @@ class Broadcaster:
         self.applier.setsockopt(zmq.LINGER, 0)
         self.applier.connect(ipc.applier_endpoint(config.data_dir))
         self.refresh_term()
+        self.told_interested = False
         self.say_hello()
 
     # ---- sockets ------------------------------------------------------------
@@ -95,8 +100,13 @@ class Broadcaster:
     # ---- the applier -----------------------------------------------------------
 
     def say_hello(self) -> None:
-        # Repeated so a restarted applier learns of us.
-        self.applier.send(codec.pack([ipc.HELLO]))
+        # Repeated so a restarted applier learns of us (and of our interest).
+        self.told_interested = bool(self.registry.streams)
+        self.applier.send(codec.pack([ipc.HELLO, self.told_interested]))
+
+    def _interest_changed(self) -> None:
+        if bool(self.registry.streams) != self.told_interested:
+            self.say_hello()
 
     def on_applier(self, batch: list) -> None:
         latest = None
@@ -126,6 +136,11 @@ class Broadcaster:
     # ---- clients ----------------------------------------------------------------
 
     def on_client(self, batch: list) -> None:
+        if not self.told_interested:
+            # No APPLIED came while no stream was open: catch up with the store
+            # first (with no watches, the pump moves straight to its revision).
+            self.poll_revision()
+            self.registry.pump()
         for parts in batch:
             identity, frames = parts[0], parts[1:]
             if len(frames) != 1:
@@ -144,6 +159,7 @@ class Broadcaster:
                     self.registry.outbox.setdefault(identity, []).append([None, STATUS_ERROR, error.to_wire()])
                     continue
                 self.registry.submit(identity, item[0], item[1], item[2])
+        self._interest_changed()
         self.pump()
 
     def pump(self) -> None:
@@ -228,7 +244,7 @@ def run(config: NodeConfig, index: int, log) -> None:
     loop = ActorLoop(log, broadcaster.limits.max_messages_per_poll, parent_pid=os.getppid())
     loop.add_socket(broadcaster.client, broadcaster.on_client)
     loop.add_socket(broadcaster.applier, broadcaster.on_applier, multipart=False)
-    loop.add_timer(PUMP_MS, broadcaster.pump)
+    loop.add_timer(PUMP_MS, broadcaster.pump, active=lambda: bool(broadcaster.registry.streams))
     loop.add_timer(REVISION_POLL_MS, broadcaster.poll_revision)
     loop.add_timer(APPLIER_HELLO_MS, broadcaster.say_hello)
     loop.add_timer(TERM_REFRESH_MS, broadcaster.refresh_term)

@@ -340,6 +340,27 @@ def test_hash_kv_revision_checks(h):
 
 # -- alarms and quota --------------------------------------------------------
 
+def test_lmdb_size_over_uses_the_bound_only_below_the_limit(tmp_path):
+    """Goal: the quota check's shortcut never hides an overflow. Method: an
+    LmdbTxn with a bound at or under the limit answers False without counting;
+    one with a bound above it (or none) counts the pages in use."""
+    from actors.mvcc.lmdb_store import LmdbTxn
+    harness = Harness(tmp_path / "s")
+    try:
+        harness.apply_many([("put", {"key": b"k%d" % index, "value": b"x" * 2000}) for index in range(20)])
+        store = harness.store
+        with store.env.begin() as txn:
+            in_use = LmdbTxn(txn, store.dbs).size_in_use()
+            assert in_use > 40_000
+            assert LmdbTxn(txn, store.dbs, size_bound_bytes=in_use * 2).size_over(in_use - 1)
+            assert not LmdbTxn(txn, store.dbs, size_bound_bytes=in_use * 2).size_over(in_use)
+            assert LmdbTxn(txn, store.dbs).size_over(in_use - 1)
+            # Trusted as given: a bound at or under the limit answers without counting.
+            assert not LmdbTxn(txn, store.dbs, size_bound_bytes=1).size_over(in_use - 1)
+    finally:
+        harness.store.close()
+
+
 def test_nospace_alarm_from_quota(tmp_path):
     harness = Harness(tmp_path / "s", quota_backend_bytes=64 * 1024)
     try:

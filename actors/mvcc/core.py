@@ -106,6 +106,8 @@ class BackendTxn(Protocol):
     def last_below(self, table: str, key: bytes) -> tuple[bytes, bytes] | None:
         """The greatest pair whose key is < key, or None."""
     def size_in_use(self) -> int: ...
+    def size_over(self, limit_bytes: int) -> bool:
+        """Whether size_in_use() > limit_bytes (a backend may know it cheaper)."""
 
 
 def rev_key(revision: int, sub: int) -> bytes:
@@ -537,7 +539,7 @@ class MvccWriter(MvccReader):
         self.backend.put("meta", META_REVISION, u64(self.revision))
         self.backend.put("meta", META_NEXT_KEY_ID, u64(self.next_key_id))
         if self._grew and self.quota_backend_bytes and not self._nospace():
-            if self.backend.size_in_use() > self.quota_backend_bytes:
+            if self.backend.size_over(self.quota_backend_bytes):
                 self._alarms.append([self.member_id, ALARM_NOSPACE])
                 self._alarms.sort()
                 self.backend.put("meta", META_ALARMS, _packb(self._alarms))

@@ -40,6 +40,9 @@ from protocol.limits import DEFAULT_LIMITS, Limits
 
 CURRENT_FILE = "CURRENT"
 LMDB_META_PAGES = 2
+# Pages an apply writes per byte of its requests, at most (values, their
+# revision records, the key index, B-tree splits): bounds a transaction's growth.
+WRITE_AMPLIFICATION_MAX = 4
 # Opening the generation CURRENT names can fail when back-to-back defragments
 # remove it meanwhile: read CURRENT again, this many times in all.
 OPEN_ATTEMPTS = 20
@@ -49,12 +52,14 @@ OPEN_RETRY_SLEEP_S = 0.01
 class LmdbTxn:
     """The core's BackendTxn over one lmdb.Transaction."""
 
-    __slots__ = ("txn", "dbs", "_cursors")
+    __slots__ = ("txn", "dbs", "_cursors", "size_bound_bytes")
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict):
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, size_bound_bytes: int | None = None):
         self.txn = txn
         self.dbs = dbs
         self._cursors: dict = {}
+        # An upper bound of size_in_use() (a write transaction's: see MvccStore._writer).
+        self.size_bound_bytes = size_bound_bytes
 
     def get(self, table: str, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[table])
@@ -81,6 +86,12 @@ class LmdbTxn:
 
     def size_in_use(self) -> int:
         return pages_in_use(self.txn, self.dbs)
+
+    def size_over(self, limit_bytes: int) -> bool:
+        # The exact count stats every table; far below the limit the bound says enough.
+        if self.size_bound_bytes is not None and self.size_bound_bytes <= limit_bytes:
+            return False
+        return self.size_in_use() > limit_bytes
 
 
 def pages_in_use(txn: lmdb.Transaction, dbs: dict) -> int:
@@ -248,15 +259,25 @@ class MvccStore:
         return MvccReader(LmdbTxn(txn, self.dbs), self.encoding)
 
     def _writer(self, txn) -> MvccWriter:
-        return MvccWriter(LmdbTxn(txn, self.dbs), self.encoding, member_id=self.member_id,
+        # The file's high-water mark as last committed, plus what one apply
+        # can add at most, bounds the pages in use at the end of this transaction.
+        size_bound_bytes = ((self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+                            + self.limits.max_apply_inflight_batches * self.limits.max_apply_batch_bytes
+                            * WRITE_AMPLIFICATION_MAX)
+        return MvccWriter(LmdbTxn(txn, self.dbs, size_bound_bytes), self.encoding, member_id=self.member_id,
                           quota_backend_bytes=self.quota_backend_bytes)
 
     # -- writes (the applier) ---------------------------------------------
 
     def apply(self, entries: list) -> list:
+        """Apply in one transaction; afterwards `written_revision` is the store's
+        revision (the writer knows it without a read transaction)."""
         assert self.writer, "apply on a read-only store"
         with self.env.begin(write=True) as txn:
-            return self._writer(txn).apply(entries)
+            writer = self._writer(txn)
+            results = writer.apply(entries)
+        self.written_revision = writer.revision
+        return results
 
     def compact_step(self) -> bool:
         assert self.writer

@@ -56,3 +56,6 @@ class MemoryBackend:
 
     def size_in_use(self) -> int:
         return sum(len(k) + len(v) for data in self.tables.values() for k, v in data.items())
+
+    def size_over(self, limit_bytes: int) -> bool:
+        return self.size_in_use() > limit_bytes
