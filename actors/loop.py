@@ -7,10 +7,10 @@ socket's batch to its handler in one call (batching: Python pays per call),
 then runs the timers that are due. A timer for pending work (a pump, a
 retry, a delayed acknowledgement) has an `active` test and is left out while
 that is false, so an idle actor sleeps instead of waking every few
-milliseconds for nothing; it first fires a period after it became active. The loop is the one unbounded loop of an
-actor; it ends when `stop()` is called, on SIGTERM/SIGINT, or when the
-supervisor that started the actor is gone (so a SIGKILLed supervisor leaves
-no orphan serving stale data).
+milliseconds for nothing; it first fires a period after it became active.
+The loop is the one unbounded loop of an actor; it ends when `stop()` is
+called, on SIGTERM/SIGINT, or when the supervisor that started the actor is
+gone (so a SIGKILLed supervisor leaves no orphan serving stale data).
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ poll of the store's revision as a fallback. The HELLO says whether any
 client stream is open: with none, the applier sends it no APPLIED (a write
 then costs this actor nothing); the first stream's request reads the
 store's revision here and says HELLO at once, and the applier answers a
-HELLO with the latest APPLIED, so no revision is missed. Each pass it lets the registry
-do a bounded step of fan-out and catch-up, then sends every stream's
-responses as one frame.
+HELLO with the latest APPLIED, so no revision is missed. Each pass it lets
+the registry do a bounded step of fan-out and catch-up, then sends every
+stream's responses as one frame.
 
 Slow clients: the client ROUTER queues at most `watch_client_high_water_mark`
 frames per client. A frame that does not fit (zmq.Again) is kept, the

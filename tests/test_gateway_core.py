@@ -70,6 +70,33 @@ def test_linearizable_read_waits_for_read_index_and_apply():
     assert [origin for origin, _, _ in replies] == ["early", "late"]
 
 
+def test_read_goes_by_the_store_when_no_applied_report_came():
+    """The actor asks for APPLIED reports only while something waits, so a read
+    index may find the store already past it: served at once. A leader-change
+    cut goes by the reports alone (they follow the RESULTS they cover)."""
+    core, store, replies = make_core()
+    assert not core.waits_for_applied()
+    store.applied = 6  # applied, and no APPLIED report came
+    core.submit("read", "range", {"key": b"a"})
+    core.on_read_index(core.take_read_index_request(), 5)
+    assert [origin for origin, _, _ in replies] == ["read"]
+    core.submit("behind", "range", {"key": b"b"})
+    core.on_read_index(core.take_read_index_request(), 8)
+    assert len(replies) == 1 and core.waits_for_applied()
+    core.on_applied(8)
+    assert [origin for origin, _, _ in replies] == ["read", "behind"] and not core.waits_for_applied()
+    core.submit("w", "put", {"key": b"a", "value": b"1"}, size_bytes=10)
+    core.take_proposals()
+    core.on_leader_changed(2, 3, 9)
+    store.applied = 9  # the store is there, but the write's RESULTS may still be on the way
+    core.submit("read2", "range", {"key": b"c"})
+    core.on_read_index(core.take_read_index_request(), 9)
+    assert [origin for origin, _, _ in replies][-1] == "read2"
+    assert "w" not in [origin for origin, _, _ in replies] and core.waits_for_applied()
+    core.on_applied(9)
+    assert [(origin, body["code"]) for origin, status, body in replies if origin == "w"] == [("w", "LeaderChanged")]
+
+
 def test_writes_are_batched_and_completed_by_results():
     core, _store, replies = make_core()
     core.submit("w1", "put", {"key": b"a", "value": b"1"}, size_bytes=10)
