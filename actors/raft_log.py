@@ -377,11 +377,14 @@ class RaftLogActor:
                            applied_index=applied, first_index=self.storage.first_index())
             self.subscribed = False
             return
+        # An idle applier says SUBSCRIBE again every second (in case we restarted):
+        # logged only when something changed.
+        log = self.log.info if not self.subscribed or applied != self.next_delivery_index - 1 else self.log.debug
         self.subscribed = True
         self.next_delivery_index = applied + 1
         self.unacknowledged_batches.clear()
         self.durable_index = max(self.durable_index, min(applied, self.wal.last_index))
-        self.log.info("applier subscribed", applied_index=applied, commit_index=self.node.durable_commit_index())
+        log("applier subscribed", applied_index=applied, commit_index=self.node.durable_commit_index())
         self.maybe_promote_lessor(applied)
         self.reconcile_lessor(applied)
 
