@@ -153,6 +153,10 @@ class Applier:
         self.store = open_writer(config)
         # The writer's own view of the store (no read transaction per batch).
         self.applied_index, self.revision = self.store.applied_index(), self.store.revision()
+        # The store runs with MDB_NOMETASYNC: a commit's fsync makes the commit
+        # before it durable, not itself. So the durable index reported to the
+        # raft log (which releases WAL segments by it) is the previous commit's.
+        self.durable_index = self.applied_index
         stored_members = self.store.member_table()
         self.members = MemberTable.from_wire(stored_members) if stored_members else initial_table(config)
         self.context = zmq.Context()
@@ -255,6 +259,7 @@ class Applier:
             return
         results = self.store.apply(entries)
         term = entries[-1][1]
+        self.durable_index = self.applied_index
         applied_index = self.applied_index = entries[-1][0]
         self.revision = self.store.written_revision
         # The raft log hears of lease changes before any client hears of its
@@ -268,7 +273,7 @@ class Applier:
     def acknowledge(self, lease_changes: list | None = None) -> None:
         """APPLIED to the raft log: frees its delivery window (and reports lease changes)."""
         self.unacknowledged_messages = 0
-        report = [ipc.APPLIED, self.applied_index, self.applied_index]
+        report = [ipc.APPLIED, self.applied_index, self.durable_index]
         self.raft.send(codec.pack(report + [lease_changes] if lease_changes else report))
 
     def _on_install_snapshot(self, message: list) -> None:
@@ -285,6 +290,7 @@ class Applier:
             self.raft.send(codec.pack([ipc.SNAPSHOT_INSTALLED, applied_index, False, str(error)[:200]]))
             return
         self.applied_index, self.revision = self.store.applied_index(), self.store.revision()
+        self.durable_index = self.applied_index  # an installed copy is synced before CURRENT names it
         # The snapshot carries the leader's member table as of its index.
         stored_members = self.store.member_table()
         if stored_members:

@@ -60,8 +60,10 @@ applier -> raft log
   [SUBSCRIBE, applied_index]    (at start: send me committed entries after this)
   [APPLIED, applied_index, durable_index]
   [APPLIED, applied_index, durable_index, lease_changes]
-      Acknowledges delivered entries (flow control) and says how far the
-      store is durable, so the raft log may truncate its WAL below it.
+      Acknowledges delivered entries (flow control; every second ENTRIES
+      message, or within 2 ms) and says how far the store is durable, so the
+      raft log may truncate its WAL below it (the commit before the latest:
+      the store's commits do not sync their own meta page).
       lease_changes (only when the batch had any): [[lease_id, ttl_s], ...]
       in apply order, ttl_s the granted TTL of an applied lease_grant, 0 for
       a lease_revoke (applied, or the lease was already gone). The leader's
