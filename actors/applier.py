@@ -260,7 +260,7 @@ class Applier:
         results = self.store.apply(entries)
         term = entries[-1][1]
         self.durable_index = self.applied_index
-        applied_index = self.applied_index = entries[-1][0]
+        self.applied_index = entries[-1][0]
         self.revision = self.store.written_revision
         # The raft log hears of lease changes before any client hears of its
         # grant, so a keep-alive right after a grant finds the lease.
