@@ -125,22 +125,14 @@ def listening_pids(port: int) -> set[int]:
 
 
 def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(text[text.rindex(")") + 2:].split()[1])
+    fields = load.proc_stat_fields(f"/proc/{pid}/stat")
+    return None if fields is None else int(fields[1])
 
 
 def _is_server_process(pid: int) -> bool:
     """`python -m actors.server|tools.grpc_null_server ...` or the `quorumkv` command; not a
     tool that merely has such a path among its arguments (tools.cluster's /tmp/quorumkv-cluster-*)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    argv = load.proc_argv(pid)
     if not argv:
         return False
     if "-m" in argv[:-1] and argv[argv.index("-m") + 1] in SERVER_MODULES:

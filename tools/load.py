@@ -117,12 +117,29 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _process_name(pid: int) -> str:
-    """The actor's role (raft_log, applier, gateway-1, ...) from its argv, else its command."""
+def proc_argv(pid: int) -> list[str] | None:
+    """A process's command line from /proc, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
     except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def proc_stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc/.../stat file after "pid (comm) " (state first), or None when gone."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _process_name(pid: int) -> str:
+    """The actor's role (raft_log, applier, gateway-1, ...) from its argv, else its command."""
+    argv = proc_argv(pid)
+    if argv is None:
         return f"pid-{pid}"
     if "--role" in argv and argv.index("--role") + 1 < len(argv):
         role = argv[argv.index("--role") + 1]
@@ -134,12 +151,9 @@ def _process_name(pid: int) -> str:
 
 def _cpu_ticks(pid: int) -> int | None:
     """utime + stime + cutime + cstime in clock ticks (reaped children count too)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
-    except (FileNotFoundError, ProcessLookupError):
+    fields = proc_stat_fields(f"/proc/{pid}/stat")
+    if fields is None:
         return None
-    fields = text[text.rindex(")") + 2:].split()
     # After "pid (comm) ", field 3 (state) is fields[0]; utime is field 14.
     return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
 
