@@ -98,8 +98,7 @@ class RecipeHandlers:
                                                                        self.front.gateway.index))
             if not endpoint:
                 context.abort(grpc.StatusCode.UNAVAILABLE, QuorumError("Stopped").message)
-            endpoint = endpoint.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
-            client = self.local.client = Client([endpoint], timeout_s=CLIENT_TIMEOUT_S, discover_gateways=False,
+            client = self.local.client = Client([sockets.dialable(endpoint)], timeout_s=CLIENT_TIMEOUT_S, discover_gateways=False,
                                                 context=self.front.gateway.context)
         return client
 

@@ -283,7 +283,7 @@ class WatchStream:
         while True:  # bounded by the deadline
             endpoint = sockets.read_endpoint(path)
             if endpoint:
-                return endpoint.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+                return sockets.dialable(endpoint)
             if time.monotonic() >= deadline or not self.context.is_active():
                 self.context.abort(grpc.StatusCode.UNAVAILABLE, "etcdserver: the watch broadcaster is not up")
             time.sleep(BROADCASTER_WAIT_STEP_S)

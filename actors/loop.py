@@ -24,7 +24,6 @@ from typing import Callable
 import zmq
 
 PARENT_CHECK_INTERVAL_MS = 200
-_POLLIN = int(zmq.POLLIN)  # a plain int: enum.Flag's & runs in Python
 _PR_SET_PDEATHSIG = 1
 
 
@@ -84,15 +83,11 @@ class ActorLoop:
     def _drain(self, socket: zmq.Socket) -> list:
         batch = []
         receive = socket.recv_multipart if self.multipart[socket] else socket.recv
-        try:
-            for _ in range(self.max_messages_per_poll):
+        for _ in range(self.max_messages_per_poll):
+            try:
                 batch.append(receive(zmq.NOBLOCK))
-                # Asking whether more is queued is cheaper than the zmq.Again
-                # a receive from an empty socket raises.
-                if not socket.get(zmq.EVENTS) & _POLLIN:
-                    break
-        except zmq.Again:
-            pass  # the poll's readiness was stale
+            except zmq.Again:
+                break
         return batch
 
     def _run_timers(self) -> None:

@@ -39,6 +39,11 @@ def read_endpoint(path: str) -> str | None:
         return None
 
 
+def dialable(endpoint: str) -> str:
+    """An announced endpoint made connectable: a wildcard bind address becomes loopback."""
+    return endpoint.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+
+
 def bind_announced(socket: zmq.Socket, host: str, endpoint_path: str, port: int | None = None) -> str:
     """Bind `port` if given, else the previous endpoint or a new port; announce it."""
     if port is not None:

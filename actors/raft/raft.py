@@ -756,7 +756,6 @@ class Raft:
         elif progress.state == STATE_SNAPSHOT and progress.match + 1 >= self.log.first_index():
             # The follower installed a snapshot (ours, or a newer one) and the
             # log from there is ours to send: replicate again.
-            progress.become_probe()
             progress.become_replicate()
         elif progress.state == STATE_REPLICATE:
             progress.inflights.free_le(message.index)
