@@ -80,6 +80,13 @@ SNAPSHOT_CHUNKS_PER_PUMP = 4
 # How often a waiting handler thread checks that its client is still there.
 WAIT_POLL_S = 0.5
 
+def server_options(limits) -> list:
+    """grpcio options of a gateway's server (tools/grpc_null_server.py uses the same)."""
+    return [("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", limits.max_request_bytes + GRPC_OVERHEAD_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES)]
+
+
 class GrpcOrigin:
     """The `origin` of a request that came in over gRPC: where its answers go.
 
@@ -156,10 +163,7 @@ class GrpcFront:
         self.stopping = False
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
-            options=[("grpc.so_reuseport", 1),
-                     ("grpc.max_receive_message_length", self.limits.max_request_bytes + GRPC_OVERHEAD_BYTES),
-                     ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES)])
+            maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX, options=server_options(self.limits))
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
         pb_grpc.add_LeaseServicer_to_server(LeaseService(self), self.server)
         pb_grpc.add_MaintenanceServicer_to_server(MaintenanceService(self), self.server)

@@ -563,9 +563,10 @@ def test_lock_service_queues_holders_and_releases_on_cancel(node, channel):
     assert held.header.revision == kv.Range(pb.RangeRequest(key=held.key)).kvs[0].create_revision
     assert lock.Lock(lpb.LockRequest(name=b"l", lease=first), timeout=WAIT_S).key == held.key  # same lease: held
     waiting = lock.Lock.future(lpb.LockRequest(name=b"l", lease=second), timeout=30)
-    # Until its key is queued, then a little longer: it must still be waiting.
+    # Once its key is queued it must still be waiting (the key holds the lock's place).
     deadline = time.monotonic() + WAIT_S
-    while not kv.Range(pb.RangeRequest(key=b"l/%x" % second)).kvs and time.monotonic() < deadline:
+    while not kv.Range(pb.RangeRequest(key=b"l/%x" % second)).kvs:
+        assert time.monotonic() < deadline, "the waiting Lock never queued its key"
         time.sleep(0.05)
     assert not waiting.done()
     with pytest.raises(grpc.RpcError) as raised:

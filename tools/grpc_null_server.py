@@ -36,7 +36,7 @@ import threading
 import grpc
 import grpc.aio
 
-from actors.grpc_front import CONCURRENT_RPCS_MAX, GRPC_OVERHEAD_BYTES, MAX_SEND_MESSAGE_BYTES, WORKER_THREADS
+from actors.grpc_front import CONCURRENT_RPCS_MAX, WORKER_THREADS, server_options
 from protocol.etcd.etcdserverpb import rpc_pb2 as pb, rpc_pb2_grpc as pb_grpc
 from protocol.etcd.mvccpb import kv_pb2
 from protocol.limits import DEFAULT_LIMITS
@@ -98,14 +98,8 @@ class AioNullMaintenance(pb_grpc.MaintenanceServicer):
         return NullMaintenance.Status(self, request, context)
 
 
-def server_options() -> list:
-    return [("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_request_bytes + GRPC_OVERHEAD_BYTES),
-            ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES)]
-
-
 async def serve_aio(address: str, stop: threading.Event, ready=None) -> None:
-    server = grpc.aio.server(maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX, options=server_options())
+    server = grpc.aio.server(maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX, options=server_options(DEFAULT_LIMITS))
     pb_grpc.add_KVServicer_to_server(AioNullKV(), server)
     pb_grpc.add_MaintenanceServicer_to_server(AioNullMaintenance(), server)
     server.add_insecure_port(address)  # raises when the port cannot be bound
@@ -120,7 +114,7 @@ def build_server(address: str) -> grpc.Server:
     """A grpcio server configured as actors/grpc_front.py's, with the null services."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="grpc"),
-        maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX, options=server_options())
+        maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX, options=server_options(DEFAULT_LIMITS))
     pb_grpc.add_KVServicer_to_server(NullKV(), server)
     pb_grpc.add_MaintenanceServicer_to_server(NullMaintenance(), server)
     server.add_insecure_port(address)  # raises when the port cannot be bound
